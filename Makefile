@@ -1,0 +1,39 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The torch pin is installed first: a range in pyproject.toml (torch>=2.2,<3) is then already satisfied and
+# pip does not fetch a multi-GB CUDA build. Elsewhere, users get the build their platform offers.
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test install lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)" || $(BIN)/python -m pip install -q "torch>=2.2,<3"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# A real sweep on the embedded defaults (local Ray, MLflow on ./mlflow.db), then the leaderboard and export.
+demo: install
+	$(BIN)/automl run search_spaces/digits_mlp.yaml
+	rm -rf best
+	$(BIN)/automl export digits-mlp --format mlflow --out best/
+	$(BIN)/python -c "import sklearn.datasets as d; d.load_digits(as_frame=True).frame.drop(columns='target').head(5).to_csv('best/rows.csv', index=False)"
+	$(BIN)/automl predict best/ best/rows.csv
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check automl trainers tests benchmarks
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) mlflow.db mlartifacts .automl best

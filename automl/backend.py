@@ -1,0 +1,274 @@
+"""The "where" of a sweep: a pool of long-lived Ray actors that run trials and stream their reports back.
+
+Why not Ray Tune's ``Tuner``: on short trials its per-trial bookkeeping (trial directories, experiment
+checkpoints, logger callbacks, result processing) costs 45 ms to 1 s per trial on a 2-core machine, more than
+the trials themselves (benchmarks/overhead.py measures it side by side). Here each concurrency slot is one
+actor, created once with the trial's resources (CPUs, fractional GPUs: Ray places and isolates them), that
+imports the trainer once and then runs trial after trial. Reports stream back through a Ray streaming
+generator; a stop request (early stopping, time budget) goes to the actor and takes effect at the trial's next
+``report``. The dataset is put in Ray's object store once and passed by reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import random
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from automl.errors import AutoMLError
+
+if TYPE_CHECKING:
+    from automl.bundle import PackedModel
+    from automl.trainer import TrainerRef
+
+COMPLETE, STOPPED, FAILED = "COMPLETE", "STOPPED", "FAILED"
+
+
+@dataclass
+class Report:
+    number: int
+    step: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class TrialEnd:
+    number: int
+    state: str  # COMPLETE | STOPPED | FAILED
+    seconds: float = 0.0  # time inside the trainer: the trial's own compute
+    error: str | None = None
+    traceback: str | None = None
+    model: PackedModel | None = None
+    model_note: str | None = None
+
+
+Event = Report | TrialEnd
+
+
+# --------------------------------------------------------------------------------------------- worker side
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    import sys
+
+    if "torch" in sys.modules:  # seed torch only if the trainer uses it; never import it for nothing
+        sys.modules["torch"].manual_seed(seed)
+
+
+class TrialRunner:
+    """Runs one trial at a time (the Ray actor class is made from it in ``RayBackend``)."""
+
+    def __init__(self, trainer: TrainerRef, threads: int) -> None:
+        self._threads = max(1, threads)
+        self._fit = trainer.load()  # import the trainer (and torch) once per actor, not per trial
+        self._stop: set[int] = set()
+        import sys
+
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(self._threads)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def stop(self, number: int) -> None:
+        self._stop.add(number)
+
+    def run(self, number: int, params: dict[str, Any], data: Any, seed: int) -> Iterator[Event]:
+        """Generator of ``Report`` events, ending with one ``TrialEnd``."""
+        from automl.bundle import pack_model
+        from automl.trainer import StopTrial
+
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        stop = self._stop
+
+        def report(step: int, metrics: Any) -> None:
+            if number in stop:
+                raise StopTrial
+            clean = {str(k): float(v) for k, v in dict(metrics).items()}
+            events.put(Report(number, int(step), clean))
+
+        def target() -> None:
+            _seed_everything(seed)
+            start = time.perf_counter()
+            try:
+                model = self._fit(dict(params), data, report)
+                seconds = time.perf_counter() - start
+                end = TrialEnd(number, COMPLETE, seconds)
+                try:
+                    end.model = pack_model(model)
+                    if end.model is None and model is not None:
+                        end.model_note = f"{type(model).__name__} has no safe save format; not exportable"
+                except Exception as exc:
+                    end.model_note = f"saving the model failed: {exc!r}"
+            except StopTrial:
+                end = TrialEnd(number, STOPPED, time.perf_counter() - start)
+            except BaseException as exc:
+                end = TrialEnd(
+                    number, FAILED, time.perf_counter() - start,
+                    error=f"{type(exc).__name__}: {exc}"[:2000], traceback=traceback.format_exc(),
+                )
+            events.put(end)
+
+        thread = threading.Thread(target=target, name=f"trial-{number}", daemon=True)
+        thread.start()
+        while True:
+            event = events.get()
+            yield event
+            if isinstance(event, TrialEnd):
+                stop.discard(number)
+                return
+
+
+# --------------------------------------------------------------------------------------------- driver side
+
+
+@dataclass
+class _Slot:
+    actor: Any
+    number: int | None = None
+    stream: Any = None
+    pending_stop: bool = False
+    started: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RayBackend:
+    """A fixed pool of trial actors on a local or remote Ray cluster."""
+
+    def __init__(
+        self,
+        trainer: TrainerRef,
+        *,
+        slots: int,
+        cpu: float = 1.0,
+        gpu: float = 0.0,
+        data: Any = None,
+    ) -> None:
+        import ray
+
+        if slots < 1:
+            raise AutoMLError(f"budget.max_concurrent must be >= 1 (got {slots})")
+        self._ray = ray
+        self._trainer = trainer
+        threads = max(1, int(cpu))
+        actor_cls = ray.remote(TrialRunner).options(
+            num_cpus=cpu,
+            num_gpus=gpu,
+            max_concurrency=2,  # one thread runs the trial, the other receives stop requests
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
+        )
+        self._actor_cls = actor_cls
+        self._threads = threads
+        self._data_ref = ray.put(data) if data is not None else None
+        self._slots = [_Slot(actor=self._new_actor()) for _ in range(slots)]
+        self._by_stream: dict[Any, _Slot] = {}
+
+    def _new_actor(self) -> Any:
+        return self._actor_cls.remote(self._trainer, self._threads)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until every actor has imported the trainer; a trainer that cannot load fails here."""
+        try:
+            self._ray.get([s.actor.ready.remote() for s in self._slots], timeout=timeout)
+        except self._ray.exceptions.RayActorError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            raise AutoMLError(f"trainer '{self._trainer.name}' failed to load: {_first_line(cause)}") from None
+        except self._ray.exceptions.GetTimeoutError:
+            raise AutoMLError(
+                f"no Ray worker started within {timeout:.0f}s; does the cluster have the CPUs/GPUs that "
+                "resources: asks for?"
+            ) from None
+
+    @property
+    def capacity(self) -> int:
+        return len(self._slots)
+
+    def free_slots(self) -> int:
+        return sum(1 for s in self._slots if s.number is None)
+
+    def running(self) -> list[int]:
+        return [s.number for s in self._slots if s.number is not None]
+
+    def started_at(self, number: int) -> float | None:
+        for s in self._slots:
+            if s.number == number:
+                return s.started
+        return None
+
+    def launch(self, number: int, params: dict[str, Any], seed: int) -> None:
+        slot = next(s for s in self._slots if s.number is None)
+        slot.number = number
+        slot.started = time.monotonic()
+        slot.stream = slot.actor.run.options(num_returns="streaming").remote(
+            number, params, self._data_ref, seed
+        )
+        self._by_stream[slot.stream] = slot
+
+    def stop(self, number: int) -> None:
+        for s in self._slots:
+            if s.number == number and not s.pending_stop:
+                s.pending_stop = True
+                s.actor.stop.remote(number)
+
+    def kill(self, number: int) -> None:
+        """Kill a trial that does not stop by itself (no report for too long); its slot gets a new actor."""
+        for s in self._slots:
+            if s.number == number:
+                self._ray.kill(s.actor, no_restart=True)
+
+    def poll(self, timeout: float | None) -> list[Event]:
+        """Events from running trials: waits up to ``timeout`` seconds for the first, then takes all ready."""
+        if not self._by_stream:
+            return []
+        streams = list(self._by_stream)
+        ready, _ = self._ray.wait(streams, num_returns=1, timeout=timeout)
+        if ready:
+            more, _ = self._ray.wait(streams, num_returns=len(streams), timeout=0)
+            ready = list(dict.fromkeys([*ready, *more]))
+        events: list[Event] = []
+        for stream in ready:
+            slot = self._by_stream[stream]
+            number = slot.number
+            assert number is not None  # a stream always belongs to a busy slot
+            try:
+                ref = next(stream)
+                event = self._ray.get(ref)
+            except StopIteration:
+                continue  # the TrialEnd was already delivered and the slot freed
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.WorkerCrashedError) as exc:
+                event = TrialEnd(number, FAILED, time.monotonic() - slot.started,
+                                 error=f"the Ray worker running the trial died: {_first_line(exc)}")
+                slot.actor = self._new_actor()
+            except self._ray.exceptions.RayError as exc:
+                event = TrialEnd(number, FAILED, time.monotonic() - slot.started, error=_first_line(exc))
+            events.append(event)
+            if isinstance(event, TrialEnd):
+                del self._by_stream[stream]
+                slot.number = None
+                slot.stream = None
+                slot.pending_stop = False
+        return events
+
+    def shutdown(self) -> None:
+        for s in self._slots:
+            with contextlib.suppress(Exception):
+                self._ray.kill(s.actor, no_restart=True)
+        self._slots = []
+        self._by_stream = {}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__

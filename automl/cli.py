@@ -1,0 +1,339 @@
+"""The ``automl`` command (Typer + Rich). Heavy imports happen inside commands, so ``--help`` is instant.
+
+Every ``AutoMLError`` becomes one line on stderr and exit status 2; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from functools import wraps
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from automl.errors import AutoMLError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from automl.orchestrator import SweepResult, TrialRecord
+
+app = typer.Typer(
+    name="automl",
+    help="Declarative hyperparameter search: Optuna proposes, Ray runs trials in parallel, MLflow records.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound="Callable[..., Any]")
+
+TrackingOpt = Annotated[
+    str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                             "else sqlite:///mlflow.db here).")
+]
+
+
+def _friendly(func: F) -> F:
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except AutoMLError as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+@app.command()
+@_friendly
+def run(
+    spec: Annotated[Path, typer.Argument(help="The spec file (YAML).")],
+    trials: Annotated[int | None, typer.Option(help="Override budget.trials.")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="Override budget.max_concurrent.")] = None,
+    method: Annotated[str | None, typer.Option(help="Override method (grid, random, bayesian, ...).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override seed.")] = None,
+    time_budget: Annotated[str | None, typer.Option("--time", help="Override budget.time (90s, 10m, 2h).")] = None,
+    tracking_uri: TrackingOpt = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, "
+                                                     "else a local Ray).")] = None,
+) -> None:
+    """Run a sweep: live progress, then the leaderboard and the best trial."""
+    from automl.orchestrator import Sweep
+
+    overrides = {"budget.trials": trials, "budget.max_concurrent": max_concurrent, "method": method,
+                 "seed": seed, "budget.time": time_budget}
+    sweep = Sweep.from_yaml(spec, overrides=overrides, tracking_uri=tracking_uri, address=address)
+    total = sweep.planned_trials()
+    console.print(f"[bold]{sweep.spec.name}[/bold]: {total} trials of [cyan]{sweep.spec.trainer}[/cyan], "
+                  f"method {sweep.spec.method}, optimising {sweep.spec.metric.name} ({sweep.spec.direction})",
+                  highlight=False)
+    with _Progress(total, sweep.spec.metric.name, sweep.spec.direction) as progress:
+        result = sweep.run(on_event=progress.on_event)
+    _print_result(result)
+
+
+class _Progress:
+    """A live bar and table on a terminal; one line per finished trial otherwise (CI logs, pipes)."""
+
+    def __init__(self, total: int, metric: str, goal: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.metric = metric
+        self.goal = goal
+        self.best: float | None = None
+        self.live = console.is_terminal
+        self.progress = Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[best]}"), console=console, transient=False,
+                                 disable=not self.live)
+        self.task = self.progress.add_task("trials", total=total, best="")
+        self.start = time.perf_counter()
+
+    def __enter__(self) -> _Progress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def on_event(self, kind: str, record: TrialRecord) -> None:
+        if kind != "finished":
+            return
+        v = record.value
+        if record.state == "COMPLETE" and v is not None and (
+            self.best is None or (v > self.best if self.goal == "maximize" else v < self.best)
+        ):
+            self.best = v
+        best = f"best {self.metric} {self.best:.4f}" if self.best is not None else ""
+        self.progress.update(self.task, advance=1, best=best)
+        value = f"{v:.4f}" if v is not None else "-"
+        line = (f"trial {record.number:>3}  {record.state:<8} {self.metric}={value}  epochs={record.epochs:<3} "
+                f"{record.seconds:6.2f}s")
+        if record.error:
+            line += f"  {record.error.splitlines()[0][:100]}"
+        if self.live:
+            self.progress.console.print(line, highlight=False)
+        else:
+            print(f"[{time.perf_counter() - self.start:7.1f}s] {line}", flush=True)
+
+
+def _print_result(result: SweepResult) -> None:
+    from rich.table import Table
+
+    board = result.leaderboard(top=10)
+    table = Table(title=f"leaderboard: {result.sweep_id} (top {len(board)} of {len(result.trials)})")
+    hidden = {"run_id"}
+    for col in board.columns:
+        if col not in hidden:
+            table.add_column(str(col), justify="right" if col != "state" else "left")
+    for _, row in board.iterrows():
+        table.add_row(*[_cell(row[c]) for c in board.columns if c not in hidden])
+    console.print(table)
+    counts: dict[str, int] = {}
+    for t in result.trials:
+        counts[t.state] = counts.get(t.state, 0) + 1
+    console.print("trials: " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())) +
+                  f" in {result.wall_seconds:.1f}s", highlight=False)
+    best = result.best
+    if best is None:
+        console.print("[yellow]no trial completed; nothing to export[/yellow]")
+        return
+    console.print(f"[bold green]best trial {best.number}[/bold green]: {result.metric} = {best.value:.4f}",
+                  highlight=False)
+    console.print(f"  params:    {best.params}", highlight=False)
+    console.print(f"  run id:    {best.run_id}   (sweep run {result.parent_run_id})", highlight=False)
+    console.print(f"  model URI: {best.model_uri}", highlight=False)
+    console.print(f"  export:    automl export {result.name} --format mlflow --out best/", highlight=False)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+# --------------------------------------------------------------------------------------------- validate / schema
+
+
+@app.command()
+@_friendly
+def validate(
+    spec: Annotated[Path, typer.Argument(help="The spec file (YAML).")],
+    sample: Annotated[int, typer.Option(help="Print N example configurations.", min=0)] = 0,
+) -> None:
+    """Check a spec; print it resolved with its defaults, its grid size and example configurations."""
+    import yaml
+
+    from automl.orchestrator import DEFAULT_TRIALS
+    from automl.space import SearchSpace
+    from automl.spec import FieldError, load_spec
+    from automl.trainer import resolve_trainer
+
+    resolved = load_spec(spec)
+    resolve_trainer(resolved.trainer, spec.resolve().parent)
+    space = SearchSpace(resolved.parameters)
+    data = resolved.model_dump(mode="json")
+    try:
+        grid: int | None = space.grid_size()
+    except FieldError:
+        grid = None
+    if data["budget"]["trials"] is None:
+        data["budget"]["trials"] = grid if resolved.method == "grid" else DEFAULT_TRIALS
+    print(yaml.safe_dump(data, sort_keys=False).rstrip())
+    print(f"# grid size: {grid}" if grid is not None else "# no grid: continuous parameters")
+    if sample:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=resolved.seed))
+        print(f"# {sample} example configurations (random, seed {resolved.seed}):")
+        for _ in range(sample):
+            trial = study.ask()
+            print("- " + str({**space.suggest(trial), **resolved.fixed}))
+            study.tell(trial, 0.0)
+    print(f"ok: {spec}", file=sys.stderr)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of spec files (for editor completion and checking)."""
+    import json
+
+    from automl.spec import Spec
+
+    print(json.dumps(Spec.model_json_schema(), indent=2))
+
+
+# --------------------------------------------------------------------------------------------- export / predict
+
+
+@app.command()
+@_friendly
+def export(
+    sweep: Annotated[str, typer.Argument(help="Sweep name or id, or a runs:/ or models:/ URI.")],
+    out: Annotated[Path, typer.Option(help="Directory to write (must not exist or be empty).")],
+    format: Annotated[str, typer.Option(help="mlflow, onnx or torchscript.")] = "mlflow",  # noqa: A002
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Write the best model of a sweep (or any automl model URI) to a directory."""
+    from automl.export import export_model
+    from automl.orchestrator import find_sweep
+    from automl.tracking import TAG_BEST_URI, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if sweep.startswith(("runs:/", "models:/")):
+        model_uri = sweep
+    else:
+        found = find_sweep(sweep, uri)
+        model_uri = found["tags"].get(TAG_BEST_URI, "")
+        if not model_uri:
+            raise AutoMLError(f"sweep '{sweep}' has no best model (no trial completed, or it is still running)")
+    path = export_model(model_uri, out, format=format, tracking_uri=uri)
+    console.print(f"wrote {format} model {model_uri} to {path}", highlight=False)
+
+
+@app.command()
+@_friendly
+def predict(
+    model: Annotated[str, typer.Argument(help="An exported model directory, or a runs:/ or models:/ URI.")],
+    data: Annotated[Path, typer.Argument(help="CSV of raw rows with the original columns.")],
+    out: Annotated[Path | None, typer.Option(help="Write predictions here (CSV); default: stdout.")] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Predict on raw rows with an exported or registered model."""
+    from automl.data import load_frame
+    from automl.export import predict as do_predict
+    from automl.tracking import resolve_tracking_uri
+
+    frame, _ = load_frame(str(data))
+    uri = resolve_tracking_uri(tracking_uri) if "://" in model else None
+    result = do_predict(model, frame, tracking_uri=uri)
+    if out is None:
+        result.to_csv(sys.stdout, index=False)
+    else:
+        result.to_csv(out, index=False)
+        console.print(f"wrote {len(result)} predictions to {out}", highlight=False)
+
+
+# --------------------------------------------------------------------------------------------- status / ui
+
+
+@app.command()
+@_friendly
+def status(
+    sweep: Annotated[str | None, typer.Argument(help="A sweep name or id: list its trials.")] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """List sweeps and their state, or one sweep's trials."""
+    from rich.table import Table
+
+    from automl import tracking
+    from automl.orchestrator import find_sweep
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        console.print(f"no sweeps yet ({uri})", highlight=False)
+        return
+    client = tracking.make_client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if sweep is None:
+        runs = client.search_runs(experiments, filter_string=f"tags.`{tracking.TAG_ROLE}` = 'sweep'",
+                                  order_by=["attributes.start_time DESC"], max_results=200)
+        table = Table(title=f"sweeps in {uri}")
+        for col in ("sweep", "state", "trials", "metric", "best", "started"):
+            table.add_column(col)
+        for r in runs:
+            metric = r.data.params.get("sweep.metric", "")
+            best = r.data.metrics.get(metric)
+            done = sum(int(v) for k, v in r.data.tags.items() if k.startswith("automl.trials."))
+            table.add_row(r.data.tags.get(tracking.TAG_SWEEP_ID, r.info.run_name), r.info.status,
+                          str(done or r.data.params.get("sweep.trials", "")), metric,
+                          "-" if best is None else f"{best:.4f}",
+                          time.strftime("%Y-%m-%d %H:%M", time.localtime(r.info.start_time / 1000)))
+        console.print(table)
+        return
+    found = find_sweep(sweep, uri)
+    runs = client.search_runs(experiments, filter_string=f"tags.`{tracking.PARENT_TAG}` = '{found['run_id']}'",
+                              order_by=["attributes.start_time ASC"], max_results=5000)
+    metric = found["params"].get("sweep.metric", "")
+    table = Table(title=f"{found['tags'].get(tracking.TAG_SWEEP_ID)}: {found['status']}")
+    for col in ("trial", "status", "state", metric, "epochs", "run id"):
+        table.add_column(col)
+    for r in sorted(runs, key=lambda r: int(r.data.tags.get(tracking.TAG_TRIAL, "0"))):
+        value = r.data.metrics.get(metric)
+        table.add_row(r.data.tags.get(tracking.TAG_TRIAL, "?"), r.info.status, r.data.tags.get("automl.state", ""),
+                      "-" if value is None else f"{value:.4f}", r.data.tags.get("automl.epochs", ""), r.info.run_id)
+    console.print(table)
+
+
+@app.command()
+@_friendly
+def ui(
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you say otherwise.")] = "127.0.0.1",
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Start the MLflow UI on this store (bound to 127.0.0.1)."""
+    from automl.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    console.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C stops it)", highlight=False)
+    os.execv(sys.executable, cmd)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

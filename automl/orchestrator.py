@@ -1,0 +1,535 @@
+"""The sweep loop: the only part that knows spec, space, sampler, scheduler, backend, tracker and trainer.
+
+Optuna's ask/tell proposes each configuration and decides early stopping (its pruners); the Ray backend runs
+trials in parallel; MLflow records them. The loop itself is small: launch while slots are free and budget
+is left, turn each event from a trial into a report or a tell, and record everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from automl.errors import AutoMLError, SweepNotFoundError
+from automl.spec import Spec, load_spec, spec_from_dict
+
+if TYPE_CHECKING:
+    import optuna
+    import pandas as pd
+
+    from automl.backend import RayBackend, Report, TrialEnd
+    from automl.data import PreparedData
+    from automl.tracking import SweepTracker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRIALS = 20
+
+
+@dataclass
+class TrialRecord:
+    """One trial as the user sees it (the leaderboard's row)."""
+
+    number: int
+    params: dict[str, Any]
+    state: str = "RUNNING"  # RUNNING | COMPLETE | STOPPED | FAILED | KILLED
+    value: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    epochs: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class BestTrial:
+    number: int
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    value: float
+    run_id: str | None
+    model_uri: str | None
+
+
+@dataclass
+class SweepResult:
+    sweep_id: str
+    name: str
+    metric: str
+    goal: str
+    trials: list[TrialRecord]
+    best: BestTrial | None
+    experiment_id: str | None
+    parent_run_id: str | None
+    tracking_uri: str
+    sampler: str
+    wall_seconds: float
+    state_dir: Path
+
+    def leaderboard(self, top: int | None = None) -> pd.DataFrame:
+        """Trials sorted best first (finished trials first, then stopped, then failed)."""
+        import pandas as pd
+
+        rows = []
+        for t in self.trials:
+            rows.append({"trial": t.number, "state": t.state, self.metric: t.value, "epochs": t.epochs,
+                         "seconds": round(t.seconds, 2), **t.params, "run_id": t.run_id})
+        frame = pd.DataFrame(rows)
+        if frame.empty:
+            return frame
+        order = {"COMPLETE": 0, "STOPPED": 1, "KILLED": 2, "FAILED": 3, "RUNNING": 4}
+        frame["_rank"] = frame["state"].map(order)
+        frame = frame.sort_values(["_rank", self.metric], ascending=[True, self.goal == "minimize"],
+                                  na_position="last").drop(columns="_rank")
+        return frame.head(top) if top else frame.reset_index(drop=True)
+
+    def export(self, out: str | Path, format: str = "mlflow") -> Path:  # noqa: A002 - mirrors the CLI flag
+        from automl.export import export_model
+
+        if self.best is None or self.best.model_uri is None:
+            raise AutoMLError(f"sweep {self.sweep_id} has no exportable best model")
+        return export_model(self.best.model_uri, Path(out), format=format, tracking_uri=self.tracking_uri)
+
+
+EventCallback = Callable[[str, TrialRecord], None]
+
+
+class Sweep:
+    """A sweep defined by a spec: ``Sweep.from_yaml(path).run()``."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        base_dir: Path | None = None,
+        tracking_uri: str | None = None,
+        address: str | None = None,
+        workdir: Path | None = None,
+        spec_text: str | None = None,
+    ) -> None:
+        from automl.samplers import check_method
+        from automl.space import SearchSpace
+        from automl.spec import FieldError
+        from automl.trainer import resolve_trainer
+
+        self.spec = spec
+        self.base_dir = (base_dir or Path.cwd()).resolve()
+        self.workdir = (workdir or Path.cwd()).resolve()
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        from automl.tracking import resolve_tracking_uri
+
+        self.tracking_uri = resolve_tracking_uri(tracking_uri, self.workdir)
+        self.spec_text = spec_text
+        self.space = SearchSpace(spec.parameters)
+        try:
+            check_method(spec.method, self.space)
+        except FieldError as exc:
+            from automl.errors import SpecError
+
+            raise SpecError(exc.message, path=exc.field) from None
+        self.trainer = resolve_trainer(spec.trainer, self.base_dir)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, overrides: dict[str, Any] | None = None, **kwargs: Any) -> Sweep:
+        path = Path(path)
+        spec = load_spec(path, overrides=overrides)
+        return cls(spec, base_dir=path.resolve().parent, spec_text=path.read_text(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], **kwargs: Any) -> Sweep:
+        return cls(spec_from_dict(raw), **kwargs)
+
+    # ------------------------------------------------------------------------------------------ planning
+
+    def planned_trials(self) -> int:
+        if self.spec.method == "grid":
+            size = self.space.grid_size()
+            return min(size, self.spec.budget.trials) if self.spec.budget.trials else size
+        return self.spec.budget.trials or DEFAULT_TRIALS
+
+    # ------------------------------------------------------------------------------------------ running
+
+    def run(self, on_event: EventCallback | None = None) -> SweepResult:
+        """Run the sweep to the end of its budget; returns the leaderboard and the best trial."""
+        return _SweepRun(self, on_event).run()
+
+
+def connect_ray(address: str | None) -> None:
+    """Join ``address`` (a running cluster) or start a local Ray; reuse a Ray this process already joined."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
+                              "log_to_driver": False, "configure_logging": True}
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise AutoMLError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+
+
+def _import_tracking() -> None:
+    """Import MLflow ahead of use (about 2 s), in a start-up thread."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow.tracking  # noqa: F401
+
+
+def _now_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+class _SweepRun:
+    """The state of one execution of a sweep (kept out of ``Sweep`` so that ``Sweep`` stays a plan)."""
+
+    def __init__(self, sweep: Sweep, on_event: EventCallback | None) -> None:
+        self.sweep = sweep
+        self.spec = sweep.spec
+        self.on_event = on_event or (lambda kind, record: None)
+        self.metric = self.spec.metric.name
+        self.goal = self.spec.direction
+        self.records: dict[int, TrialRecord] = {}
+        self.optuna_trials: dict[int, optuna.trial.Trial] = {}
+        self.best: TrialRecord | None = None
+        self.sweep_id = f"{self.spec.name}-{_now_id()}"
+
+    # The order below is deliberate: everything that can fail on bad input (data, trainer import) happens
+    # before anything is written (state folder, Optuna journal, MLflow).
+    def run(self) -> SweepResult:
+        from automl.samplers import make_sampler, sampler_name
+        from automl.schedulers import make_pruner
+
+        started = time.perf_counter()
+        spec = self.spec
+        sampler = make_sampler(spec.method, self.sweep.space, spec.seed)
+        self.sampler_name = sampler_name(spec.method, self.sweep.space)
+        pruner = make_pruner(spec.early_stopping, spec.fixed)
+        # Start-up work overlaps: Ray's processes start while this process reads the data and imports MLflow.
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="automl-start") as pool:
+            data_future = pool.submit(self._prepare_data)
+            pool.submit(_import_tracking)
+            connect_ray(self.sweep.address)
+            prepared = data_future.result()
+        backend = self._start_backend(prepared)
+        try:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            from automl import tracking
+
+            backend.wait_ready()
+            self.folder, study = self._create_study(sampler, pruner)
+            self.planned = self.sweep.planned_trials()
+            self.deadline = time.monotonic() + spec.budget.time if spec.budget.time else None
+            pending: list[int] = self._launch(study, backend)
+            self.tracker = self._start_tracking(tracking)
+            for number in pending:
+                self._record_start(number)
+            status = "FINISHED"
+            try:
+                self._loop(study, backend, prepared)
+            except KeyboardInterrupt:
+                status = "KILLED"
+                self._cancel(study, backend, "cancelled by the user")
+                raise
+            finally:
+                self._finish(status, prepared)
+        finally:
+            backend.shutdown()
+        return self._result(time.perf_counter() - started)
+
+    def _prepare_data(self) -> PreparedData | None:
+        if self.spec.data is None:
+            return None
+        from automl.data import prepare
+
+        return prepare(self.spec.data, base_dir=self.sweep.base_dir, seed=self.spec.seed)
+
+    def _start_backend(self, prepared: PreparedData | None) -> RayBackend:
+        import ray
+
+        from automl.backend import RayBackend
+
+        res = self.spec.resources
+        slots = self.spec.budget.max_concurrent
+        if slots is None:
+            total = ray.cluster_resources()
+            by_cpu = int(total.get("CPU", 1) // res.cpu) if res.cpu else 1
+            by_gpu = int(total.get("GPU", 0) // res.gpu) if res.gpu else by_cpu
+            slots = max(1, min(by_cpu, by_gpu))
+        slots = max(1, min(slots, self.sweep.planned_trials()))
+        return RayBackend(self.sweep.trainer, slots=slots, cpu=res.cpu, gpu=res.gpu,
+                          data=prepared.dataset if prepared else None)
+
+    def _create_study(self, sampler: Any, pruner: Any) -> tuple[Path, optuna.Study]:
+        import optuna
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        from automl.state import SweepState, journal_path, state_root
+
+        root = state_root(self.sweep.workdir)
+        self.state = SweepState(
+            sweep_id=self.sweep_id, name=self.spec.name,
+            spec=self.spec.model_dump(mode="json"), base_dir=str(self.sweep.base_dir),
+            tracking_uri=self.sweep.tracking_uri, created=time.time(),
+        )
+        folder = self.state.save(root)
+        storage = JournalStorage(JournalFileBackend(str(journal_path(folder))))
+        study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner,
+                                    study_name=self.sweep_id, direction=self.goal)
+        return folder, study
+
+    def _start_tracking(self, tracking: Any) -> SweepTracker:
+        spec = self.spec
+        client = tracking.make_client(self.sweep.tracking_uri)
+        artifact_location = tracking.default_artifact_location(
+            self.sweep.tracking_uri, spec.experiment_name, self.sweep.workdir)
+        params = {
+            "sweep.method": spec.method, "sweep.sampler": self.sampler_name, "sweep.trials": self.planned,
+            "sweep.max_concurrent": self.backend_slots, "sweep.seed": spec.seed,
+            "sweep.metric": self.metric, "sweep.goal": self.goal, "sweep.trainer": spec.trainer,
+            "sweep.early_stopping": spec.early_stopping.method,
+        }
+        tags = {tracking.TAG_SWEEP: spec.name, tracking.TAG_SWEEP_ID: self.sweep_id,
+                "automl.sampler": self.sampler_name}
+        spec_text = self.sweep.spec_text
+        if spec_text is None:
+            import yaml
+
+            spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+        tracker = tracking.SweepTracker.start(
+            client, experiment=spec.experiment_name, artifact_location=artifact_location,
+            run_name=self.sweep_id, tags=tags, params=params, spec_text=spec_text,
+        )
+        self.state.experiment_id = tracker.experiment_id
+        self.state.parent_run_id = tracker.parent_run_id
+        self.state.save(self.folder.parent)
+        return tracker
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def _launch(self, study: optuna.Study, backend: RayBackend) -> list[int]:
+        """Fill free slots while budget is left; returns the numbers of the trials launched."""
+        self.backend_slots = backend.capacity
+        launched: list[int] = []
+        while backend.free_slots() and len(self.records) < self.planned and not self._out_of_time():
+            trial = study.ask()
+            params = self.sweep.space.suggest(trial)
+            number = trial.number
+            self.optuna_trials[number] = trial
+            self.records[number] = TrialRecord(number=number, params=params)
+            backend.launch(number, {**params, **self.spec.fixed}, seed=self.spec.seed + number)
+            launched.append(number)
+        return launched
+
+    def _record_start(self, number: int) -> None:
+        record = self.records[number]
+        self.tracker.trial_started(
+            number, {**record.params, **self.spec.fixed},
+            {"automl.state": "RUNNING", "automl.sampler": self.sampler_name, "automl.sweep_id": self.sweep_id},
+        )
+        self.on_event("started", record)
+
+    def _out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def _loop(self, study: optuna.Study, backend: RayBackend, prepared: PreparedData | None) -> None:
+        from automl.backend import TrialEnd
+
+        timed_out = False
+        while True:
+            for number in self._launch(study, backend):
+                self._record_start(number)
+            if not backend.running():
+                break
+            if self._out_of_time() and not timed_out:
+                timed_out = True
+                for number in backend.running():
+                    self.records[number].error = "budget.time reached"
+                    backend.stop(number)
+            for event in backend.poll(timeout=0.5 if self.deadline else None):
+                if isinstance(event, TrialEnd):
+                    self._on_end(study, event, prepared)
+                else:
+                    self._on_report(backend, event)
+
+    def _on_report(self, backend: RayBackend, event: Report) -> None:
+        record = self.records[event.number]
+        record.metrics.update(event.metrics)
+        record.epochs = max(record.epochs, event.step)
+        value = event.metrics.get(self.metric)
+        if value is not None and math.isfinite(value):
+            record.value = value
+            trial = self.optuna_trials[event.number]
+            trial.report(value, event.step)
+            if trial.should_prune():
+                backend.stop(event.number)
+        self.tracker.trial_reported(event.number, event.step, event.metrics)
+        self.on_event("reported", record)
+
+    def _on_end(self, study: optuna.Study, event: TrialEnd, prepared: PreparedData | None) -> None:
+        from optuna.trial import TrialState
+
+        record = self.records[event.number]
+        record.seconds = event.seconds
+        trial = self.optuna_trials.pop(event.number)
+        state = event.state
+        error = event.error
+        if state == "COMPLETE":
+            if record.value is None:
+                state = "FAILED"
+                error = (f"the trainer never reported '{self.metric}' (it reported: "
+                         f"{', '.join(sorted(record.metrics)) or 'nothing'})")
+            elif not math.isfinite(record.value):
+                state, error = "FAILED", f"'{self.metric}' is {record.value}"
+        if state == "STOPPED" and record.error:  # stopped by the sweep's time budget, not by early stopping
+            state, error = "KILLED", record.error
+        record.state, record.error = state, error
+        if state == "COMPLETE":
+            study.tell(trial, record.value)
+        elif state == "STOPPED":
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            trial.set_user_attr("error", (error or "")[:2000])
+            study.tell(trial, state=TrialState.FAIL)
+        tags = {"automl.state": state, "automl.epochs": str(record.epochs),
+                "automl.seconds": f"{event.seconds:.3f}"}
+        if state == "STOPPED":
+            tags["automl.early_stopped"] = "true"
+        artifacts: list[tuple[str, str]] = []
+        if error:
+            tags["automl.error"] = error[:5000]
+            if event.traceback:
+                artifacts.append(("traceback.txt", event.traceback))
+        if event.model_note:
+            tags["automl.model_note"] = event.model_note
+        if state == "COMPLETE" and self._is_better(record):
+            self.best = record
+            tags["automl.best_so_far"] = "true"
+            if event.model is not None:
+                self._save_best(record, event, prepared)
+        self.tracker.trial_finished(event.number, state, tags, artifacts)
+        self.on_event("finished", record)
+
+    def _is_better(self, record: TrialRecord) -> bool:
+        if record.value is None:
+            return False
+        if self.best is None or self.best.value is None:
+            return True
+        if self.goal == "maximize":
+            return record.value > self.best.value
+        return record.value < self.best.value
+
+    def _save_best(self, record: TrialRecord, event: TrialEnd, prepared: PreparedData | None) -> None:
+        """Keep the best model so far on disk: a killed sweep still has it when resumed."""
+        from automl.bundle import write_bundle
+        from automl.state import best_bundle_path
+
+        assert event.model is not None  # checked by the caller
+        target = best_bundle_path(self.folder)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        info = {"trainer": self.spec.trainer, "trial": record.number, "params": record.params,
+                "fixed": self.spec.fixed, "metric": {"name": self.metric, "goal": self.goal,
+                                                     "value": record.value},
+                "metrics": record.metrics, "sweep_id": self.sweep_id}
+        write_bundle(tmp, event.model, prepared, info=info)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+
+    def _cancel(self, study: optuna.Study, backend: RayBackend, reason: str) -> None:
+        from optuna.trial import TrialState
+
+        for number in backend.running():
+            record = self.records[number]
+            record.state, record.error = "KILLED", reason
+            trial = self.optuna_trials.pop(number, None)
+            if trial is not None:
+                study.tell(trial, state=TrialState.FAIL)
+            self.tracker.trial_finished(number, "KILLED", {"automl.state": "KILLED", "automl.error": reason})
+
+    # ------------------------------------------------------------------------------------------ the end
+
+    def _finish(self, status: str, prepared: PreparedData | None) -> None:
+        from automl import tracking
+
+        self.tracker.flush()
+        for number, record in self.records.items():
+            record.run_id = self.tracker.run_id_of(number)
+        self.model_uri: str | None = None
+        params: dict[str, Any] = {}
+        metrics: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for r in self.records.values():
+            counts[r.state] = counts.get(r.state, 0) + 1
+        tags = {f"automl.trials.{k.lower()}": str(v) for k, v in counts.items()}
+        best = self.best
+        if best is not None:
+            params = dict(best.params)
+            metrics = {k: v for k, v in best.metrics.items() if math.isfinite(v)}
+            tags.update({"automl.best_trial": str(best.number), tracking.TAG_BEST_RUN: best.run_id or ""})
+            from automl.state import best_bundle_path
+
+            bundle = best_bundle_path(self.folder)
+            if bundle.is_dir():
+                from automl.export import log_pyfunc_model
+
+                self.model_uri = log_pyfunc_model(self.tracker.client, self.tracker.parent_run_id, bundle,
+                                                  prepared)
+                tags[tracking.TAG_BEST_URI] = self.model_uri
+                if self.spec.tracking.register_as:
+                    from automl.export import register_champion
+
+                    register_champion(self.tracker.client, self.spec.tracking.register_as, self.model_uri,
+                                      run_id=self.tracker.parent_run_id, metric=self.metric, goal=self.goal,
+                                      value=best.value)
+        self.tracker.finish(status, params=params, metrics=metrics, tags=tags)
+        self.state.status = status
+        self.state.extra.update(best_model_uri=self.model_uri)
+        self.state.save(self.folder.parent)
+
+    def _result(self, wall: float) -> SweepResult:
+        best = None
+        if self.best is not None and self.best.value is not None:
+            b = self.best
+            best = BestTrial(number=b.number, params=b.params, metrics=b.metrics, value=b.value,
+                             run_id=b.run_id, model_uri=self.model_uri)
+        return SweepResult(
+            sweep_id=self.sweep_id, name=self.spec.name, metric=self.metric, goal=self.goal,
+            trials=[self.records[k] for k in sorted(self.records)], best=best,
+            experiment_id=self.tracker.experiment_id, parent_run_id=self.tracker.parent_run_id,
+            tracking_uri=self.sweep.tracking_uri, sampler=self.sampler_name, wall_seconds=wall,
+            state_dir=self.folder,
+        )
+
+
+def find_sweep(name_or_id: str, tracking_uri: str) -> dict[str, Any]:
+    """The most recent sweep (parent run) named ``name_or_id``, or with that sweep id; its run's data."""
+    from automl import tracking
+
+    client = tracking.make_client(tracking_uri)
+    quoted = name_or_id.replace("'", "")
+    for key in (tracking.TAG_SWEEP_ID, tracking.TAG_SWEEP):
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string=f"tags.`{key}` = '{quoted}' and tags.`{tracking.TAG_ROLE}` = 'sweep'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )
+        if runs:
+            run = runs[0]
+            return {"run_id": run.info.run_id, "status": run.info.status, "tags": run.data.tags,
+                    "params": run.data.params, "metrics": run.data.metrics}
+    raise SweepNotFoundError(f"no sweep named '{name_or_id}' in {tracking_uri}; `automl status` lists them")

@@ -1,0 +1,84 @@
+"""Method name -> Optuna sampler. Every proposal automl makes comes from one of Optuna's samplers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from automl.spec import FieldError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from automl.space import SearchSpace
+
+
+def sampler_name(method: str, space: SearchSpace) -> str:
+    """The Optuna sampler class a method resolves to (``bayesian`` picks one for the space)."""
+    if method == "bayesian":
+        return "TPESampler"
+    return {
+        "grid": "GridSampler",
+        "random": "RandomSampler",
+        "tpe": "TPESampler",
+        "gp": "GPSampler",
+        "cmaes": "CmaEsSampler",
+        "qmc": "QMCSampler",
+        "nsga2": "NSGAIISampler",
+    }[method]
+
+
+def check_method(method: str, space: SearchSpace) -> None:
+    """Refuse, before anything runs, a space that the method cannot honour (it would silently drop it)."""
+    if method == "grid":
+        space.grid_size()
+    if method == "cmaes" and space.has_categorical:
+        raise FieldError("method", "cmaes cannot search categorical parameters; use bayesian or tpe")
+    if method in ("cmaes", "qmc", "gp") and space.is_conditional:
+        raise FieldError("method", f"{method} cannot search conditional (when:) parameters; use bayesian or tpe")
+
+
+def make_sampler(method: str, space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    check_method(method, space)
+    name = sampler_name(method, space)
+    if name == "GridSampler":
+        if space.is_conditional:
+            # GridSampler needs a fixed set of names; the brute-force sampler walks define-by-run trees.
+            return optuna.samplers.BruteForceSampler(seed=seed)
+        return _AskTellGridSampler(space.flat_grid(), seed=seed)
+    if name == "TPESampler":
+        # multivariate+group model conditional spaces jointly; constant_liar keeps parallel trials apart.
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=space.is_conditional, constant_liar=True,
+            warn_independent_sampling=False,
+        )
+    if name == "GPSampler":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "CmaEsSampler":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "QMCSampler":
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+    if name == "NSGAIISampler":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _grid_sampler_class() -> type:
+    import optuna
+
+    class AskTellGridSampler(optuna.samplers.GridSampler):
+        """GridSampler whose exhausted grid does not call ``Study.stop()``.
+
+        ``Study.stop()`` raises outside ``Study.optimize`` (it does under ask/tell), and the orchestrator
+        already runs exactly the grid's size.
+        """
+
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            return None
+
+    return AskTellGridSampler
+
+
+def _AskTellGridSampler(search_space: dict[str, list[Any]], seed: int) -> optuna.samplers.BaseSampler:  # noqa: N802
+    return _grid_sampler_class()(search_space, seed=seed)  # type: ignore[no-any-return]

@@ -1,0 +1,160 @@
+"""The search space: spec parameters -> Optuna suggestions (define-by-run) and grid enumeration.
+
+Define-by-run keeps conditional parameters (``when``) honest: a trial asks only for the parameters its own
+choices lead to, so Optuna records (and MLflow shows) exactly what each trial used.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from automl.spec import CategoricalParam, FieldError, FloatParam, IntParam, _choice_key
+
+if TYPE_CHECKING:
+    import optuna
+
+    from automl.spec import Parameter
+
+MAX_GRID = 1_000_000  # enumerating more than this is never what a user meant
+
+
+class SearchSpace:
+    """A tree of parameters; categorical choices may open sub-spaces (``when``)."""
+
+    def __init__(self, parameters: Mapping[str, Parameter]) -> None:
+        self.parameters = dict(parameters)
+        self._check_names(self.parameters, seen={})
+
+    # ------------------------------------------------------------------ structure
+
+    def all_names(self) -> list[str]:
+        """Every parameter name that some trial may use, in spec order."""
+        names: list[str] = []
+        for name, _ in _walk(self.parameters):
+            if name not in names:
+                names.append(name)
+        return names
+
+    @property
+    def is_conditional(self) -> bool:
+        return any(isinstance(p, CategoricalParam) and p.when for _, p in _walk(self.parameters))
+
+    @property
+    def has_categorical(self) -> bool:
+        return any(isinstance(p, CategoricalParam) for _, p in _walk(self.parameters))
+
+    @staticmethod
+    def _check_names(params: Mapping[str, Parameter], seen: dict[str, Parameter]) -> None:
+        # A name may repeat across `when` branches only if it means the same thing, because Optuna's
+        # samplers (and the user reading MLflow) treat one name as one dimension.
+        for name, param in params.items():
+            plain = param.model_copy(update={"when": None}) if isinstance(param, CategoricalParam) else param
+            if name in seen and seen[name] != plain:
+                raise FieldError(
+                    "parameters",
+                    f"'{name}' is defined twice with different settings; rename one of them",
+                )
+            seen[name] = plain
+            if isinstance(param, CategoricalParam):
+                for branch in (param.when or {}).values():
+                    SearchSpace._check_names(branch, seen)
+
+    # ------------------------------------------------------------------ sampling
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Ask ``trial`` for one configuration, following ``when`` branches define-by-run."""
+        values: dict[str, Any] = {}
+        _suggest_into(trial, self.parameters, values)
+        return values
+
+    # ------------------------------------------------------------------ grid
+
+    def grid_size(self) -> int:
+        """Number of distinct configurations of a grid over this space.
+
+        Raises ``FieldError`` if a parameter is continuous (a float without ``step``).
+        """
+        return _count(self.parameters, path="parameters")
+
+    def grid(self) -> Iterator[dict[str, Any]]:
+        """Every configuration of the grid, in a deterministic order."""
+        yield from _enumerate(self.parameters)
+
+    def flat_grid(self) -> dict[str, list[Any]]:
+        """Per-parameter value lists for Optuna's ``GridSampler`` (spaces without ``when``)."""
+        return {name: _values(param, f"parameters.{name}") for name, param in self.parameters.items()}
+
+
+def _walk(params: Mapping[str, Parameter]) -> Iterator[tuple[str, Parameter]]:
+    for name, param in params.items():
+        yield name, param
+        if isinstance(param, CategoricalParam):
+            for branch in (param.when or {}).values():
+                yield from _walk(branch)
+
+
+def _suggest_into(trial: optuna.Trial, params: Mapping[str, Parameter], out: dict[str, Any]) -> None:
+    for name, param in params.items():
+        if isinstance(param, FloatParam):
+            out[name] = trial.suggest_float(name, param.low, param.high, log=param.log, step=param.step)
+        elif isinstance(param, IntParam):
+            out[name] = trial.suggest_int(name, param.low, param.high, step=param.step or 1, log=param.log)
+        else:
+            choice = trial.suggest_categorical(name, param.choices)
+            out[name] = choice
+            branch = (param.when or {}).get(_choice_key(choice))
+            if branch:
+                _suggest_into(trial, branch, out)
+
+
+def _values(param: Parameter, path: str) -> list[Any]:
+    if isinstance(param, CategoricalParam):
+        return list(param.choices)
+    if isinstance(param, IntParam):
+        return list(range(param.low, param.high + 1, param.step or 1))
+    if param.step is None:
+        raise FieldError(
+            path, "a grid needs a step for a float parameter (add step:, or use method: random or bayesian)"
+        )
+    count = math.floor((param.high - param.low) / param.step + 1e-9) + 1
+    if count > MAX_GRID:
+        raise FieldError(path, f"has {count} grid values; use a larger step")
+    # Rounding keeps 0.1 + 3*0.05 from becoming 0.25000000000000006, which Optuna would reject.
+    return [round(param.low + k * param.step, 12) for k in range(count)]
+
+
+def _count(params: Mapping[str, Parameter], path: str) -> int:
+    total = 1
+    for name, param in params.items():
+        here = f"{path}.{name}"
+        if isinstance(param, CategoricalParam) and param.when:
+            total *= sum(
+                _count(param.when.get(_choice_key(c), {}), f"{here}.when.{_choice_key(c)}")
+                for c in param.choices
+            )
+        else:
+            total *= len(_values(param, here))
+        if total > MAX_GRID:
+            raise FieldError("parameters", f"the grid has more than {MAX_GRID} points; use fewer values")
+    return total
+
+
+def _enumerate(params: Mapping[str, Parameter]) -> Iterator[dict[str, Any]]:
+    options: list[list[dict[str, Any]]] = []
+    for name, param in params.items():
+        choices: list[dict[str, Any]] = []
+        for value in _values(param, name):
+            branch = param.when.get(_choice_key(value)) if isinstance(param, CategoricalParam) and param.when else None
+            if branch:
+                choices.extend({name: value, **sub} for sub in _enumerate(branch))
+            else:
+                choices.append({name: value})
+        options.append(choices)
+    for combo in itertools.product(*options):
+        merged: dict[str, Any] = {}
+        for part in combo:
+            merged.update(part)
+        yield merged

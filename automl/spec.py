@@ -1,0 +1,402 @@
+"""The spec file: Pydantic v2 models of DESIGN.md section 2, their validation and their loading.
+
+Every rule a spec must obey lives here, so that a bad spec is refused before anything runs: ``load_spec``
+raises ``SpecError`` whose text is one line naming the file, the field path and the rule, e.g.
+``spec.yaml: parameters.lr.low: must be > 0 when log is true (got 0.0)``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from automl.errors import SpecError
+
+MAX_SPEC_BYTES = 1 << 20  # a spec is a page of YAML; anything larger is a mistake or an attack
+
+METHODS = ("grid", "random", "bayesian", "tpe", "gp", "cmaes", "qmc", "nsga2")
+EARLY_STOPPING = ("none", "asha", "hyperband", "median")
+
+# Metrics the spec may name without a goal: their goal is implied by the name.
+_MINIMIZED = re.compile(r"(loss|rmse|mae|mse|error)$")
+
+Scalar = str | int | float | bool | None
+
+
+class FieldError(ValueError):
+    """A validation failure that belongs to one named sub-field of the model that raised it.
+
+    Pydantic reports model-level failures at the model's own location; the formatter appends ``field`` so the
+    user reads ``parameters.lr.low`` rather than ``parameters.lr``.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(message)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- parameters
+
+
+class FloatParam(_Model):
+    """A real-valued parameter; bounds inclusive; ``log`` samples the logarithm uniformly."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatParam:
+        _check_bounds(self.low, self.high, self.log, self.step)
+        return self
+
+
+class IntParam(_Model):
+    """An integer parameter; both bounds inclusive, always."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> IntParam:
+        _check_bounds(self.low, self.high, self.log, self.step)
+        if self.step is not None and (self.high - self.low) % self.step:
+            raise FieldError(
+                "high",
+                f"must be low plus a multiple of step ({self.low} + k*{self.step}); got {self.high}",
+            )
+        return self
+
+
+class CategoricalParam(_Model):
+    """A choice among values; ``when`` adds parameters that exist only in trials that chose a value."""
+
+    type: Literal["categorical"]
+    choices: list[Scalar] = Field(min_length=1)
+    when: dict[str, dict[str, Parameter]] | None = None
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _keys_as_text(cls, value: Any) -> Any:
+        # YAML reads `when: {32: ...}` with an int key; choices are compared by their text form.
+        if isinstance(value, dict):
+            return {_choice_key(k): v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> CategoricalParam:
+        keys = [_choice_key(c) for c in self.choices]
+        if len(set(keys)) != len(keys):
+            raise FieldError("choices", f"must not repeat a value (got {self.choices})")
+        for key in self.when or {}:
+            if key not in keys:
+                raise FieldError("when", f"'{key}' is not one of the choices {self.choices}")
+        return self
+
+
+Parameter = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+CategoricalParam.model_rebuild()
+
+
+def _choice_key(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if value is not None else "null"
+    return str(value)
+
+
+def _check_bounds(low: float, high: float, log: bool, step: float | None) -> None:
+    for name, value in (("low", low), ("high", high)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FieldError(name, f"must be a finite number (got {value})")
+    if low > high:
+        raise FieldError("high", f"must be >= low ({low}) (got {high})")
+    if log and low <= 0:
+        raise FieldError("low", f"must be > 0 when log is true (got {low})")
+    if step is not None:
+        if log:
+            raise FieldError("step", "cannot be combined with log: true; remove one of them")
+        if step <= 0:
+            raise FieldError("step", f"must be > 0 (got {step})")
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+class ValidationSplit(_Model):
+    fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    stratify: bool = True
+
+
+class DataSpec(_Model):
+    source: str = Field(min_length=1)
+    target: str | None = None
+    task: Literal["auto", "classification", "regression"] = "auto"
+    validation: ValidationSplit = ValidationSplit()
+
+
+class MetricSpec(_Model):
+    name: str = Field(min_length=1)
+    goal: Literal["maximize", "minimize"] | None = None
+
+    @model_validator(mode="after")
+    def _default_goal(self) -> MetricSpec:
+        if self.goal is None:
+            implied = "minimize" if _MINIMIZED.search(self.name) else "maximize"
+            object.__setattr__(self, "goal", implied)
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> float | None:
+    """``90s``, ``10m``, ``2h`` or a number of seconds -> seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"must be a duration such as 90s, 10m or 2h (got {value!r})")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"must be a duration such as 90s, 10m or 2h (got {value!r})")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"must be > 0 (got {value!r})")
+    return seconds
+
+
+class BudgetSpec(_Model):
+    trials: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    time: float | None = None
+    trial_time: float | None = None
+
+    @field_validator("time", "trial_time", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        return parse_duration(value)
+
+
+class EarlyStoppingSpec(_Model):
+    method: Literal["none", "asha", "hyperband", "median"] = "none"
+    min_epochs: int = Field(default=1, ge=1)
+    reduction_factor: int = Field(default=3, ge=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        if value is None or value is False:
+            return {"method": "none"}
+        return {"method": value} if isinstance(value, str) else value
+
+
+class ResourcesSpec(_Model):
+    cpu: float = Field(default=1.0, gt=0)
+    gpu: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ResourcesSpec:
+        if self.gpu > 1 and self.gpu != int(self.gpu):
+            raise FieldError("gpu", f"must be a whole number when above 1 (got {self.gpu})")
+        return self
+
+
+class TrackingSpec(_Model):
+    experiment: str | None = None
+    register_as: str | None = None
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class Spec(_Model):
+    """A whole sweep, as written in the spec file (DESIGN.md section 2)."""
+
+    name: str = "sweep"
+    trainer: str = Field(min_length=1)
+    data: DataSpec | None = None
+    metric: MetricSpec
+    method: Literal["grid", "random", "bayesian", "tpe", "gp", "cmaes", "qmc", "nsga2"] = "bayesian"
+    budget: BudgetSpec = BudgetSpec()
+    early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    seed: int = 0
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Parameter] = Field(min_length=1)
+    tracking: TrackingSpec = TrackingSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"must use only letters, digits, '-', '_' and '.' (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Spec:
+        from automl.space import SearchSpace  # the space owns the rules about parameter names
+
+        space = SearchSpace(self.parameters)
+        clash = sorted(set(space.all_names()) & set(self.fixed))
+        if clash:
+            raise FieldError("fixed", f"'{clash[0]}' is both fixed and searched; keep it in one place")
+        if self.method == "grid":
+            space.grid_size()  # raises FieldError for an unstepped float
+        return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def direction(self) -> str:
+        return self.metric.goal or "maximize"  # always filled by MetricSpec's validator
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec:
+    """Read, parse and validate a spec file; raise ``SpecError`` (one line) on any problem.
+
+    ``overrides`` maps dotted field paths (``budget.trials``) to values given on the command line.
+    """
+    path = Path(path)
+    source = path.name
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise SpecError("file not found; check the path", source=str(path)) from None
+    except OSError as exc:
+        raise SpecError(f"cannot read the file ({exc.strerror})", source=str(path)) from None
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(f"file is {size} bytes; a spec must be under {MAX_SPEC_BYTES} bytes", source=source)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    raw = parse_yaml(text, source)
+    if "name" not in raw:
+        raw["name"] = _name_from_path(path)
+    return spec_from_dict(raw, source=source, overrides=overrides)
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """Safe-load YAML (no tags that build Python objects) into a mapping."""
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        data = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader, chosen above
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{where}invalid YAML: {problem}", source=source) from None
+    if not isinstance(data, dict):
+        raise SpecError("must be a YAML mapping of fields (name, trainer, metric, parameters, ...)", source=source)
+    return data
+
+
+def spec_from_dict(
+    raw: dict[str, Any], *, source: str = "spec", overrides: dict[str, Any] | None = None
+) -> Spec:
+    raw = dict(raw)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.get(key)
+            node[key] = dict(child) if isinstance(child, dict) else {}
+            node = node[key]
+        node[leaf] = value
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise _spec_error(exc, source) from None
+
+
+def _name_from_path(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).strip("-") or "sweep"
+
+
+_TAGS = {"float", "int", "categorical"}
+
+
+def _spec_error(exc: ValidationError, source: str) -> SpecError:
+    err = exc.errors(include_url=False)[0]
+    loc = _clean_loc(err["loc"])
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, FieldError):
+        loc.append(ctx_error.field)
+        message = ctx_error.message
+    else:
+        message = _message(err)
+    return SpecError(message, path=".".join(loc), source=source)
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> list[str]:
+    """Drop Pydantic's union tags (``parameters.lr.float.low`` -> ``parameters.lr.low``)."""
+    out: list[str] = []
+    expect_tag = False
+    for i, item in enumerate(loc):
+        text = str(item)
+        if expect_tag and text in _TAGS:
+            expect_tag = False
+            continue
+        out.append(text)
+        # A parameter name follows "parameters" or a when-branch (when.<choice>.<name>).
+        parent = str(loc[i - 1]) if i >= 1 else ""
+        grandparent = str(loc[i - 2]) if i >= 2 else ""
+        expect_tag = parent == "parameters" or grandparent == "when"
+    return out
+
+
+def _message(err: Any) -> str:
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown field; check its spelling against `automl schema`"
+    if kind == "missing":
+        return "is required"
+    if kind == "union_tag_invalid":
+        return f"type must be one of float, int, categorical (got {got!r})"
+    if kind == "union_tag_not_found":
+        return "needs a type: float, int or categorical"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"must be one of {expected} (got {got!r})"
+    message = str(err["msg"])
+    message = message.removeprefix("Value error, ")
+    message = message[0].lower() + message[1:] if message else message
+    if "(got" not in message and kind not in ("model_type", "dict_type") and not isinstance(got, dict | list):
+        message += f" (got {got!r})"
+    return message

@@ -1,0 +1,181 @@
+"""The trainer contract, and the registry that finds trainers by name.
+
+This module is all that ``trainers/`` (and a user's own trainer) import from automl::
+
+    def train(params, data, report):          # or a class with fit(self, params, data, report)
+        for epoch in range(params["epochs"]):
+            ...
+            report(epoch + 1, {"val_loss": ..., "val_accuracy": ...})   # may raise StopTrial
+        return model                          # predict(X) on data's features, or None
+
+``data`` is a ``Dataset`` (already split and preprocessed) or ``None`` when the spec has no ``data``. automl
+wraps the returned model with the preprocessing and label decoding, so the exported model takes raw rows.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from automl.errors import TrainerError
+from automl.metrics import evaluate
+
+__all__ = [
+    "BUILTIN_TRAINERS",
+    "Dataset",
+    "Report",
+    "SavableModel",
+    "StopTrial",
+    "Trainer",
+    "TrainerRef",
+    "evaluate",
+    "resolve_trainer",
+]
+
+ENTRY_POINT_GROUP = "automl.trainers"
+BUILTIN_TRAINERS = {"mlp": "trainers.mlp:MLPTrainer"}
+
+
+class StopTrial(BaseException):  # noqa: N818 - a control-flow signal, like KeyboardInterrupt
+    """Raised by ``report`` when the sweep stops this trial (early stopping, time budget, cancel).
+
+    It derives from ``BaseException`` so that a trainer's ``except Exception`` does not swallow it.
+    """
+
+
+class Report(Protocol):
+    def __call__(self, step: int, metrics: Mapping[str, float]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """What a trainer receives: preprocessed features (float32) and encoded targets.
+
+    Classification targets are class indices into ``classes``; regression targets are float32.
+    """
+
+    task: str
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    feature_names: list[str]
+    classes: list[Any] = field(default_factory=list)
+    target: str = "target"
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X_train.shape[1])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def evaluate(self, y_pred: np.ndarray, *, proba: np.ndarray | None = None) -> dict[str, float]:
+        """All validation metrics that apply to this task (DESIGN.md section 2 names)."""
+        return evaluate(self.task, self.y_val, y_pred, proba=proba, n_classes=self.n_classes)
+
+
+class SavableModel(ABC):
+    """A fitted model that saves itself in a safe format (safetensors, JSON, skops): never a bare pickle.
+
+    ``predict`` and ``predict_proba`` take the features the trainer was trained on (``Dataset.X_*``).
+    """
+
+    @abstractmethod
+    def predict(self, X: np.ndarray) -> np.ndarray: ...
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} gives no probabilities")
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Write the model into the (existing, empty) directory ``path``."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: Path) -> SavableModel:
+        """Read back what ``save`` wrote."""
+
+
+class Trainer(ABC):
+    """A trainer as a class; a plain function ``train(params, data, report)`` is accepted too."""
+
+    @abstractmethod
+    def fit(self, params: dict[str, Any], data: Dataset | None, report: Report) -> Any: ...
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class TrainerRef:
+    """Where a trainer lives, in a form that travels to Ray workers: ``module:attr`` plus a search path."""
+
+    name: str
+    target: str
+    search_path: str | None = None
+
+    def load(self) -> Callable[[dict[str, Any], Dataset | None, Report], Any]:
+        """Import the trainer and return its ``fit``-shaped callable."""
+        module_name, _, attr = self.target.partition(":")
+        if self.search_path and self.search_path not in sys.path:
+            sys.path.insert(0, self.search_path)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise TrainerError(f"trainer '{self.name}': cannot import module '{module_name}' ({exc})") from None
+        obj = getattr(module, attr, None)
+        if obj is None:
+            raise TrainerError(f"trainer '{self.name}': module '{module_name}' has no attribute '{attr}'")
+        if inspect.isclass(obj):
+            if not callable(getattr(obj, "fit", None)):
+                raise TrainerError(f"trainer '{self.name}': class {attr} has no fit(params, data, report)")
+            return obj().fit  # type: ignore[no-any-return]
+        if callable(obj):
+            return obj  # type: ignore[no-any-return]
+        raise TrainerError(f"trainer '{self.name}': {self.target} is neither a function nor a class")
+
+
+def registered_trainers() -> dict[str, str]:
+    """Built-in trainers plus those installed packages register under the ``automl.trainers`` group."""
+    found = dict(BUILTIN_TRAINERS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = ep.value
+    return found
+
+
+def resolve_trainer(name: str, base_dir: Path | None = None) -> TrainerRef:
+    """A registered name, or ``module:attr`` resolved against ``base_dir`` (the spec file's directory).
+
+    Nothing is imported here (so ``automl validate`` stays fast); a missing module file is reported now.
+    """
+    registry = registered_trainers()
+    if name in registry:
+        return TrainerRef(name=name, target=registry[name])
+    if ":" not in name:
+        known = ", ".join(sorted(registry))
+        raise TrainerError(
+            f"trainer: unknown trainer '{name}'; use one of {known} or 'module:function' for your own code"
+        )
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr.isidentifier():
+        raise TrainerError(f"trainer: '{name}' must look like 'module:function' or 'module:Class'")
+    search = str(base_dir.resolve()) if base_dir is not None else None
+    if search is not None:
+        candidate = Path(search, *module_name.split("."))
+        local = candidate.with_suffix(".py").is_file() or (candidate / "__init__.py").is_file()
+        if not local and importlib.util.find_spec(module_name.split(".")[0]) is None:
+            raise TrainerError(
+                f"trainer: module '{module_name}' not found next to the spec ({search}) nor installed"
+            )
+    return TrainerRef(name=name, target=name, search_path=search)
