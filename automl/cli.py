@@ -29,7 +29,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Off a terminal (CI logs, pipes) Rich would wrap at 80 columns and truncate the leaderboard.
+console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 F = TypeVar("F", bound="Callable[..., Any]")
 

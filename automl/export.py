@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,7 +62,6 @@ def _requirements() -> list[str]:
 
 def save_pyfunc_model(path: Path, bundle_dir: Path, prepared: PreparedData | None) -> Path:
     """Write an MLflow pyfunc model (models-from-code, signature, input example) at ``path``."""
-    import mlflow.pyfunc
     from mlflow.models import infer_signature
 
     from automl.bundle import ModelBundle
@@ -72,6 +72,16 @@ def save_pyfunc_model(path: Path, bundle_dir: Path, prepared: PreparedData | Non
         example = prepared.example
         predictions = ModelBundle(bundle_dir).predict(example)
         signature = infer_signature(example, predictions, params={"predict_method": "predict"})
+    with warnings.catch_warnings():
+        # MLflow nudges towards type hints on predict(); the signature above already describes the input.
+        warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
+        _save(path, bundle_dir, signature, example)
+    return path
+
+
+def _save(path: Path, bundle_dir: Path, signature: Any, example: Any) -> None:
+    import mlflow.pyfunc
+
     mlflow.pyfunc.save_model(
         path=str(path),
         python_model=str(Path(__file__).with_name("_pyfunc_model.py")),
@@ -80,7 +90,6 @@ def save_pyfunc_model(path: Path, bundle_dir: Path, prepared: PreparedData | Non
         input_example=example,
         pip_requirements=_requirements(),
     )
-    return path
 
 
 def log_pyfunc_model(client: MlflowClient, run_id: str, bundle_dir: Path, prepared: PreparedData | None) -> str:

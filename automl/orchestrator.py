@@ -371,12 +371,15 @@ class _SweepRun:
         record.metrics.update(event.metrics)
         record.epochs = max(record.epochs, event.step)
         value = event.metrics.get(self.metric)
-        if value is not None and math.isfinite(value):
+        if value is not None:
             record.value = value
-            trial = self.optuna_trials[event.number]
-            trial.report(value, event.step)
-            if trial.should_prune():
-                backend.stop(event.number)
+            if not math.isfinite(value):
+                backend.stop(event.number)  # diverged: no point in training on; recorded FAILED at its end
+            else:
+                trial = self.optuna_trials[event.number]
+                trial.report(value, event.step)
+                if trial.should_prune():
+                    backend.stop(event.number)
         self.tracker.trial_reported(event.number, event.step, event.metrics)
         self.on_event("reported", record)
 
@@ -388,13 +391,12 @@ class _SweepRun:
         trial = self.optuna_trials.pop(event.number)
         state = event.state
         error = event.error
-        if state == "COMPLETE":
-            if record.value is None:
-                state = "FAILED"
-                error = (f"the trainer never reported '{self.metric}' (it reported: "
-                         f"{', '.join(sorted(record.metrics)) or 'nothing'})")
-            elif not math.isfinite(record.value):
-                state, error = "FAILED", f"'{self.metric}' is {record.value}"
+        if state in ("COMPLETE", "STOPPED") and record.value is not None and not math.isfinite(record.value):
+            state, error = "FAILED", f"'{self.metric}' is {record.value} at epoch {record.epochs}"
+        elif state == "COMPLETE" and record.value is None:
+            state = "FAILED"
+            error = (f"the trainer never reported '{self.metric}' (it reported: "
+                     f"{', '.join(sorted(record.metrics)) or 'nothing'})")
         if state == "STOPPED" and record.error:  # stopped by the sweep's time budget, not by early stopping
             state, error = "KILLED", record.error
         record.state, record.error = state, error

@@ -50,15 +50,14 @@ def make_sampler(method: str, space: SearchSpace, seed: int) -> optuna.samplers.
     if name == "TPESampler":
         # multivariate+group model conditional spaces jointly; constant_liar keeps parallel trials apart.
         return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, group=space.is_conditional, constant_liar=True,
-            warn_independent_sampling=False,
+            seed=seed, multivariate=True, group=space.is_conditional, constant_liar=True
         )
     if name == "GPSampler":
         return optuna.samplers.GPSampler(seed=seed)
     if name == "CmaEsSampler":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        return optuna.samplers.CmaEsSampler(seed=seed)
     if name == "QMCSampler":
-        return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
     if name == "NSGAIISampler":
         return optuna.samplers.NSGAIISampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)

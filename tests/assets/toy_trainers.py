@@ -1,0 +1,38 @@
+"""Small trainers for tests: fast (no torch), deterministic, and covering the trainer contract's shapes."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+
+def quadratic(params: dict[str, Any], data: Any, report: Any) -> None:
+    """A benchmark function with epochs: the score improves per epoch, best near x = 0.3."""
+    x = float(params["x"])
+    bonus = {"a": 0.0, "b": 0.05, "c": 0.1}.get(str(params.get("kind", "a")), 0.0)
+    for step in range(1, int(params.get("epochs", 3)) + 1):
+        time.sleep(float(params.get("sleep", 0.0)))
+        report(step, {"score": -((x - 0.3) ** 2) + bonus + 0.01 * step})
+
+
+def flaky(params: dict[str, Any], data: Any, report: Any) -> None:
+    """Fails for x > 0.5 (an exception), returns NaN for x < 0.1, and works otherwise."""
+    x = float(params["x"])
+    report(1, {"score": x})
+    if x > 0.5:
+        raise ValueError(f"x={x:.3f} is too large for this trainer")
+    report(2, {"score": math.nan if x < 0.1 else x})
+
+
+class LogisticFitter:
+    """A class-shaped trainer (fit method) that returns a scikit-learn model (exported with skops)."""
+
+    def fit(self, params: dict[str, Any], data: Any, report: Any) -> Any:
+        from sklearn.linear_model import LogisticRegression
+
+        model = LogisticRegression(C=float(params["C"]), max_iter=200)
+        model.fit(data.X_train, data.y_train)
+        proba = model.predict_proba(data.X_val)
+        report(1, data.evaluate(proba.argmax(axis=1), proba=proba))
+        return model
