@@ -78,6 +78,9 @@ class TrialRunner:
 
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(self._threads)
+        warmup = getattr(getattr(self._fit, "__self__", None), "warmup", None)
+        if callable(warmup):
+            warmup()
 
     def ready(self) -> int:
         return os.getpid()
@@ -173,7 +176,7 @@ class RayBackend:
         self._threads = threads
         self._data_ref = ray.put(data) if data is not None else None
         self._slots = [_Slot(actor=self._new_actor()) for _ in range(slots)]
-        self._by_stream: dict[Any, _Slot] = {}
+        self._by_stream: dict[Any, _Slot] = {}  # ObjectRefGenerator -> slot
 
     def _new_actor(self) -> Any:
         return self._actor_cls.remote(self._trainer, self._threads)
@@ -243,7 +246,7 @@ class RayBackend:
             number = slot.number
             assert number is not None  # a stream always belongs to a busy slot
             try:
-                ref = next(stream)
+                ref = next(stream)  # type: ignore[arg-type]
                 event = self._ray.get(ref)
             except StopIteration:
                 continue  # the TrialEnd was already delivered and the slot freed

@@ -222,7 +222,7 @@ def schema() -> None:
 def export(
     sweep: Annotated[str, typer.Argument(help="Sweep name or id, or a runs:/ or models:/ URI.")],
     out: Annotated[Path, typer.Option(help="Directory to write (must not exist or be empty).")],
-    format: Annotated[str, typer.Option(help="mlflow, onnx or torchscript.")] = "mlflow",  # noqa: A002
+    format: Annotated[str, typer.Option(help="mlflow, onnx or torchscript.")] = "mlflow",
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Write the best model of a sweep (or any automl model URI) to a directory."""

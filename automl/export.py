@@ -9,6 +9,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlflow.pyfunc import PythonModel
+
 from automl.errors import ExportError
 
 if TYPE_CHECKING:
@@ -22,25 +24,20 @@ CHAMPION = "champion"
 FORMATS = ("mlflow", "onnx", "torchscript")
 _REQUIREMENTS = ("numpy", "pandas", "scikit-learn", "skops", "safetensors", "torch", "mlflow")
 
-try:
-    from mlflow.pyfunc import PythonModel as _PythonModel
-except ImportError:  # pragma: no cover - mlflow is a dependency; keeps `import automl.export` cheap to reason about
-    _PythonModel = object  # type: ignore[assignment,misc]
 
-
-class AutoMLPyfunc(_PythonModel):  # type: ignore[misc,valid-type]
+class AutoMLPyfunc(PythonModel):
     """The pyfunc face of a bundle: raw rows in, predictions out.
 
     ``params={"predict_method": "predict_proba"}`` returns one probability column per class instead.
     """
 
     # No type hints on load_context/predict: MLflow reads them as a schema and warns on anything else.
-    def load_context(self, context):  # type: ignore[no-untyped-def]
+    def load_context(self, context):
         from automl.bundle import ModelBundle
 
         self.bundle = ModelBundle(Path(context.artifacts["bundle"]))
 
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+    def predict(self, context, model_input, params=None):
         import pandas as pd
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -131,7 +128,7 @@ def register_champion(
     return str(mv.version), promote
 
 
-def export_model(model_uri: str, out: Path, *, format: str = "mlflow", tracking_uri: str | None = None) -> Path:  # noqa: A002
+def export_model(model_uri: str, out: Path, *, format: str = "mlflow", tracking_uri: str | None = None) -> Path:
     """Write the model at ``model_uri`` (runs:/, models:/, or a local path) into ``out``."""
     if format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")

@@ -93,7 +93,7 @@ class SweepResult:
                                   na_position="last").drop(columns="_rank")
         return frame.head(top) if top else frame.reset_index(drop=True)
 
-    def export(self, out: str | Path, format: str = "mlflow") -> Path:  # noqa: A002 - mirrors the CLI flag
+    def export(self, out: str | Path, format: str = "mlflow") -> Path:
         from automl.export import export_model
 
         if self.best is None or self.best.model_uri is None:
@@ -289,7 +289,7 @@ class _SweepRun:
         folder = self.state.save(root)
         storage = JournalStorage(JournalFileBackend(str(journal_path(folder))))
         study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner,
-                                    study_name=self.sweep_id, direction=self.goal)
+                                    study_name=self.sweep_id, direction=self.spec.metric.goal)
         return folder, study
 
     def _start_tracking(self, tracking: Any) -> SweepTracker:
@@ -479,7 +479,7 @@ class _SweepRun:
             counts[r.state] = counts.get(r.state, 0) + 1
         tags = {f"automl.trials.{k.lower()}": str(v) for k, v in counts.items()}
         best = self.best
-        if best is not None:
+        if best is not None and best.value is not None:
             params = dict(best.params)
             metrics = {k: v for k, v in best.metrics.items() if math.isfinite(v)}
             tags.update({"automl.best_trial": str(best.number), tracking.TAG_BEST_RUN: best.run_id or ""})
@@ -505,8 +505,8 @@ class _SweepRun:
 
     def _result(self, wall: float) -> SweepResult:
         best = None
-        if self.best is not None and self.best.value is not None:
-            b = self.best
+        b = self.best
+        if b is not None and b.value is not None:
             best = BestTrial(number=b.number, params=b.params, metrics=b.metrics, value=b.value,
                              run_id=b.run_id, model_uri=self.model_uri)
         return SweepResult(

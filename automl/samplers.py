@@ -79,5 +79,6 @@ def _grid_sampler_class() -> type:
     return AskTellGridSampler
 
 
-def _AskTellGridSampler(search_space: dict[str, list[Any]], seed: int) -> optuna.samplers.BaseSampler:  # noqa: N802
-    return _grid_sampler_class()(search_space, seed=seed)  # type: ignore[no-any-return]
+def _AskTellGridSampler(search_space: dict[str, list[Any]], seed: int) -> optuna.samplers.BaseSampler:
+    sampler: optuna.samplers.BaseSampler = _grid_sampler_class()(search_space, seed=seed)
+    return sampler

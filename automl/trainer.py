@@ -15,6 +15,7 @@ wraps the returned model with the preprocessing and label decoding, so the expor
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import sys
 from abc import ABC, abstractmethod
@@ -45,7 +46,7 @@ ENTRY_POINT_GROUP = "automl.trainers"
 BUILTIN_TRAINERS = {"mlp": "trainers.mlp:MLPTrainer"}
 
 
-class StopTrial(BaseException):  # noqa: N818 - a control-flow signal, like KeyboardInterrupt
+class StopTrial(BaseException):
     """Raised by ``report`` when the sweep stops this trial (early stopping, time budget, cancel).
 
     It derives from ``BaseException`` so that a trainer's ``except Exception`` does not swallow it.
@@ -113,6 +114,10 @@ class Trainer(ABC):
     @abstractmethod
     def fit(self, params: dict[str, Any], data: Dataset | None, report: Report) -> Any: ...
 
+    def warmup(self) -> None:  # noqa: B027 - an optional hook, empty by default
+        """Optional: called once per worker before its first trial (import libraries, initialise kernels),
+        so that one-off start-up costs overlap the sweep's own start-up instead of the first trials."""
+
 
 # --------------------------------------------------------------------------------------------- registry
 
@@ -140,9 +145,11 @@ class TrainerRef:
         if inspect.isclass(obj):
             if not callable(getattr(obj, "fit", None)):
                 raise TrainerError(f"trainer '{self.name}': class {attr} has no fit(params, data, report)")
-            return obj().fit  # type: ignore[no-any-return]
+            instance: Any = obj()
+            fit: Callable[[dict[str, Any], Dataset | None, Report], Any] = instance.fit
+            return fit
         if callable(obj):
-            return obj  # type: ignore[no-any-return]
+            return obj
         raise TrainerError(f"trainer '{self.name}': {self.target} is neither a function nor a class")
 
 

@@ -78,6 +78,17 @@ def _optimizer(name: str, parameters: Any, p: dict[str, Any]) -> Any:
 class MLPTrainer(Trainer):
     """Trains an MLP with minibatch gradient descent; one report per epoch."""
 
+    def warmup(self) -> None:
+        # torch's first forward/backward/step in a process pays one-off initialisation (about a second);
+        # paying it here keeps it out of the first trial's time.
+        import torch
+
+        net = build_network(8, 2, depth=1, width=8, activation="relu", dropout=0.0)
+        opt = torch.optim.Adam(net.parameters())
+        loss = torch.nn.functional.cross_entropy(net(torch.zeros(4, 8)), torch.zeros(4, dtype=torch.long))
+        loss.backward()
+        opt.step()
+
     def fit(self, params: dict[str, Any], data: Dataset | None, report: Report) -> MLPModel:
         import torch
 
