@@ -170,8 +170,7 @@ class RayBackend:
             num_cpus=cpu,
             num_gpus=gpu,
             max_concurrency=2,  # one thread runs the trial, the other receives stop requests
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
-        )
+        )  # Ray sets OMP_NUM_THREADS to the actor's CPUs; TrialRunner caps torch's threads the same way.
         self._actor_cls = actor_cls
         self._threads = threads
         self._data_ref = ray.put(data) if data is not None else None

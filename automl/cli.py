@@ -46,7 +46,9 @@ def _friendly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except AutoMLError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            from rich.markup import escape
+
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -154,6 +156,7 @@ def _print_result(result: SweepResult) -> None:
     console.print(f"  run id:    {best.run_id}   (sweep run {result.parent_run_id})", highlight=False)
     console.print(f"  model URI: {best.model_uri}", highlight=False)
     console.print(f"  export:    automl export {result.name} --format mlflow --out best/", highlight=False)
+    console.print(f"  MLflow:    {result.tracking_uri}  (browse it with `automl ui`)", highlight=False)
 
 
 def _cell(value: Any) -> str:

@@ -117,9 +117,7 @@ class Sweep:
         workdir: Path | None = None,
         spec_text: str | None = None,
     ) -> None:
-        from automl.samplers import check_method
         from automl.space import SearchSpace
-        from automl.spec import FieldError
         from automl.trainer import resolve_trainer
 
         self.spec = spec
@@ -130,13 +128,7 @@ class Sweep:
 
         self.tracking_uri = resolve_tracking_uri(tracking_uri, self.workdir)
         self.spec_text = spec_text
-        self.space = SearchSpace(spec.parameters)
-        try:
-            check_method(spec.method, self.space)
-        except FieldError as exc:
-            from automl.errors import SpecError
-
-            raise SpecError(exc.message, path=exc.field) from None
+        self.space = SearchSpace(spec.parameters)  # the spec's validators already checked it against the method
         self.trainer = resolve_trainer(spec.trainer, self.base_dir)
 
     @classmethod

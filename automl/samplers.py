@@ -45,8 +45,12 @@ def make_sampler(method: str, space: SearchSpace, seed: int) -> optuna.samplers.
     if name == "GridSampler":
         if space.is_conditional:
             # GridSampler needs a fixed set of names; the brute-force sampler walks define-by-run trees.
-            return optuna.samplers.BruteForceSampler(seed=seed)
-        return _AskTellGridSampler(space.flat_grid(), seed=seed)
+            brute: optuna.samplers.BaseSampler = _without_study_stop(optuna.samplers.BruteForceSampler)(seed=seed)
+            return brute
+        grid: optuna.samplers.BaseSampler = _without_study_stop(optuna.samplers.GridSampler)(
+            space.flat_grid(), seed=seed
+        )
+        return grid
     if name == "TPESampler":
         # multivariate+group model conditional spaces jointly; constant_liar keeps parallel trials apart.
         return optuna.samplers.TPESampler(
@@ -63,22 +67,15 @@ def make_sampler(method: str, space: SearchSpace, seed: int) -> optuna.samplers.
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def _grid_sampler_class() -> type:
-    import optuna
 
-    class AskTellGridSampler(optuna.samplers.GridSampler):
-        """GridSampler whose exhausted grid does not call ``Study.stop()``.
+def _without_study_stop(cls: type) -> type:
+    """A grid-type sampler whose exhausted grid does not call ``Study.stop()``.
 
-        ``Study.stop()`` raises outside ``Study.optimize`` (it does under ask/tell), and the orchestrator
-        already runs exactly the grid's size.
-        """
+    ``Study.stop()`` raises outside ``Study.optimize`` (it does under ask/tell), and the orchestrator already
+    runs exactly the grid's size.
+    """
 
-        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-            return None
+    def after_trial(self: Any, study: Any, trial: Any, state: Any, values: Any) -> None:
+        return None
 
-    return AskTellGridSampler
-
-
-def _AskTellGridSampler(search_space: dict[str, list[Any]], seed: int) -> optuna.samplers.BaseSampler:
-    sampler: optuna.samplers.BaseSampler = _grid_sampler_class()(search_space, seed=seed)
-    return sampler
+    return type(f"AskTell{cls.__name__}", (cls,), {"after_trial": after_trial, "__doc__": _without_study_stop.__doc__})

@@ -47,20 +47,25 @@ class SearchSpace:
         return any(isinstance(p, CategoricalParam) for _, p in _walk(self.parameters))
 
     @staticmethod
-    def _check_names(params: Mapping[str, Parameter], seen: dict[str, Parameter]) -> None:
-        # A name may repeat across `when` branches only if it means the same thing, because Optuna's
-        # samplers (and the user reading MLflow) treat one name as one dimension.
+    def _check_names(
+        params: Mapping[str, Parameter], seen: dict[str, Parameter], outer: frozenset[str] = frozenset(),
+        path: str = "parameters",
+    ) -> None:
+        # A name may repeat only across mutually exclusive `when` branches, and only if it means the same
+        # thing there: Optuna's samplers (and a user reading MLflow) treat one name as one dimension.
         for name, param in params.items():
+            here = f"{path}.{name}"
+            if name in outer:
+                raise FieldError(here, f"'{name}' is already defined outside this when branch; rename one of them")
             plain = param.model_copy(update={"when": None}) if isinstance(param, CategoricalParam) else param
             if name in seen and seen[name] != plain:
-                raise FieldError(
-                    "parameters",
-                    f"'{name}' is defined twice with different settings; rename one of them",
-                )
+                raise FieldError(here, f"'{name}' is defined twice with different settings; rename one of them")
             seen[name] = plain
+        inner = outer | frozenset(params)
+        for name, param in params.items():
             if isinstance(param, CategoricalParam):
-                for branch in (param.when or {}).values():
-                    SearchSpace._check_names(branch, seen)
+                for choice, branch in (param.when or {}).items():
+                    SearchSpace._check_names(branch, seen, inner, f"{path}.{name}.when.{choice}")
 
     # ------------------------------------------------------------------ sampling
 

@@ -269,8 +269,9 @@ class Spec(_Model):
         clash = sorted(set(space.all_names()) & set(self.fixed))
         if clash:
             raise FieldError("fixed", f"'{clash[0]}' is both fixed and searched; keep it in one place")
-        if self.method == "grid":
-            space.grid_size()  # raises FieldError for an unstepped float
+        from automl.samplers import check_method
+
+        check_method(self.method, space)  # a method that cannot honour the space is refused now
         return self
 
     @property
@@ -299,8 +300,11 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec
     except OSError as exc:
         raise SpecError(f"cannot read the file ({exc.strerror})", source=str(path)) from None
     if size > MAX_SPEC_BYTES:
-        raise SpecError(f"file is {size} bytes; a spec must be under {MAX_SPEC_BYTES} bytes", source=source)
-    text = path.read_text(encoding="utf-8", errors="replace")
+        raise SpecError(f"file is {size} bytes; a spec must be at most {MAX_SPEC_BYTES} bytes", source=source)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise SpecError(f"cannot read the file ({exc.strerror or exc})", source=str(path)) from None
     raw = parse_yaml(text, source)
     if "name" not in raw:
         raw["name"] = _name_from_path(path)
@@ -360,6 +364,8 @@ def _spec_error(exc: ValidationError, source: str) -> SpecError:
         message = ctx_error.message
     else:
         message = _message(err)
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append("type")
     return SpecError(message, path=".".join(loc), source=source)
 
 
@@ -388,7 +394,8 @@ def _message(err: Any) -> str:
     if kind == "missing":
         return "is required"
     if kind == "union_tag_invalid":
-        return f"type must be one of float, int, categorical (got {got!r})"
+        tag = got.get("type") if isinstance(got, dict) else got
+        return f"type must be one of float, int, categorical (got {tag!r})"
     if kind == "union_tag_not_found":
         return "needs a type: float, int or categorical"
     if kind == "literal_error":

@@ -134,7 +134,8 @@ def optuna_trivial(m: Measurement) -> None:
     import optuna
 
     start = time.perf_counter()
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=objectives.SEED), direction="minimize")
+    sampler = optuna.samplers.TPESampler(seed=objectives.SEED)
+    study = optuna.create_study(sampler=sampler, direction="minimize")
     study.optimize(objectives.optuna_trivial, n_trials=m.trials, n_jobs=CONCURRENCY)
     m.wall_s = time.perf_counter() - start
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -148,7 +149,8 @@ def optuna_digits(m: Measurement) -> None:
 
     start = time.perf_counter()
     data = objectives.digits_data()
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=objectives.SEED), direction="maximize")
+    sampler = optuna.samplers.TPESampler(seed=objectives.SEED)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
     study.optimize(lambda trial: objectives.optuna_digits(trial, data), n_trials=m.trials, n_jobs=CONCURRENCY)
     m.wall_s = time.perf_counter() - start
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -315,6 +317,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Ray Tune's newer console output prints an experiment banner even with verbose=0; the classic one obeys.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -346,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with _temp_dir("overhead-automl-") as workdir:
         store_init_s = init_store(workdir)
+        def tune(reuse: bool) -> Callable[[Measurement], None]:
+            return lambda m: tune_sweep(m, reuse_actors=reuse)
+
         rows: list[tuple[str, Measurement | None, Measurement | None]] = [
             ("optuna (in-process, n_jobs=2)",
              measure("optuna", "trivial", n_trivial, optuna_trivial),
@@ -357,11 +364,11 @@ def main(argv: list[str] | None = None) -> int:
              measure("automl (trainer: mlp)", "digits", n_digits,
                      lambda m: automl_sweep(m, workdir=workdir, trainer="mlp"))),
             ("ray tune, reuse_actors=True",
-             measure("ray-tune reuse_actors", "trivial", n_trivial, lambda m: tune_sweep(m, reuse_actors=True)),
-             measure("ray-tune reuse_actors", "digits", n_digits, lambda m: tune_sweep(m, reuse_actors=True))),
+             measure("ray-tune reuse_actors", "trivial", n_trivial, tune(True)),
+             measure("ray-tune reuse_actors", "digits", n_digits, tune(True))),
             ("ray tune, defaults",
-             measure("ray-tune", "trivial", n_tune_default_trivial, lambda m: tune_sweep(m, reuse_actors=False)),
-             measure("ray-tune", "digits", n_digits, lambda m: tune_sweep(m, reuse_actors=False))),
+             measure("ray-tune", "trivial", n_tune_default_trivial, tune(False)),
+             measure("ray-tune", "digits", n_digits, tune(False))),
         ]
     ray.shutdown()
 

@@ -9,9 +9,9 @@ from typing import Any
 import optuna
 import pytest
 
+from automl.samplers import check_method, make_sampler, sampler_name
 from automl.space import SearchSpace
 from automl.spec import METHODS, FieldError, spec_from_dict
-from automl.samplers import check_method, make_sampler, sampler_name
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -75,7 +75,8 @@ def test_suggest_respects_bounds_and_types() -> None:
     assert {c["units"] for c in configs} == {0, 4, 8, 12}
     lrs = [c["lr"] for c in configs]
     assert all(1e-4 <= v <= 1e-1 for v in lrs)
-    assert min(lrs) < 1e-3 and max(lrs) > 1e-2  # log-uniform: every decade is visited
+    assert min(lrs) < 1e-3
+    assert max(lrs) > 1e-2
     drops = [c["dropout"] for c in configs]
     assert all(0.0 <= v <= 0.5 for v in drops)
     assert all(abs(v / 0.05 - round(v / 0.05)) < 1e-9 for v in drops)  # on the step grid
@@ -119,7 +120,8 @@ def test_nested_when_and_non_string_choice_keys() -> None:
         assert ("k" in c) == (c.get("mode") == "b"), c
     assert any("k" in c for c in configs)
     assert space.all_names() == ["batch", "mode", "k"]
-    assert space.is_conditional and space.has_categorical
+    assert space.is_conditional
+    assert space.has_categorical
 
 
 # --------------------------------------------------------------------------------------------- grids
@@ -198,15 +200,8 @@ NUMERIC = {
 }
 
 
-_CMAES_MISSING = pytest.mark.xfail(
-    reason="automl bug: pyproject.toml does not depend on the `cmaes` package, which optuna's CmaEsSampler "
-    "imports on the first suggestion, so every `method: cmaes` trial fails with ModuleNotFoundError",
-    raises=ModuleNotFoundError,
-    strict=True,
-)
 
-
-@pytest.mark.parametrize("method", [pytest.param(m, marks=_CMAES_MISSING) if m == "cmaes" else m for m in METHODS])
+@pytest.mark.parametrize("method", METHODS)
 def test_make_sampler_for_every_method(method: str) -> None:
     space = space_of(NUMERIC)
     sampler = make_sampler(method, space, seed=0)
@@ -281,13 +276,6 @@ def test_grid_sampler_runs_the_whole_grid_exactly_once(concurrency: int) -> None
     assert sorted(map(key, done)) == sorted(map(key, space.grid()))
 
 
-@pytest.mark.xfail(
-    reason="automl bug: samplers.make_sampler returns a plain optuna BruteForceSampler for a grid with `when`; "
-    "its after_trial calls Study.stop() once the tree is exhausted, which raises RuntimeError under ask/tell "
-    "(the last study.tell of the sweep fails)",
-    raises=RuntimeError,
-    strict=True,
-)
 @pytest.mark.parametrize("concurrency", [1, 2])
 def test_conditional_grid_runs_the_whole_tree_exactly_once(concurrency: int) -> None:
     space = space_of({"depth": {"type": "int", "low": 1, "high": 2}, "optimizer": OPTIMIZER_WHEN})

@@ -293,7 +293,8 @@ BAD_SPECS: list[Any] = [
         "sgd": {"m": {"type": "float", "low": 0.0, "high": 0.9}}}}}),
                  {"parameters", "parameters.opt", "parameters.opt.when.sgd.m", "parameters.opt.when.adam.m"}, "'m'",
                  id="same-name-two-branches-different-settings"),
-    pytest.param(_set(parameters={"opt": {**_OPT_SGD, "when": {"sgd": {"m": {"type": "float", "low": 1.0, "high": 0.0}}}}}),
+    pytest.param(_set(parameters={"opt": {**_OPT_SGD, "when": {
+        "sgd": {"m": {"type": "float", "low": 1.0, "high": 0.0}}}}}),
                  {"parameters.opt.when.sgd.m.low", "parameters.opt.when.sgd.m.high"}, "low",
                  id="bad-bounds-inside-when"),
     pytest.param(_set(budget={"time": "10 minutes"}), {"budget.time"}, "duration", id="bad-duration"),
@@ -335,11 +336,6 @@ def test_wrong_type_name_reports_the_bad_name(tmp_path: Path) -> None:
     assert "'double'" in str(error)
 
 
-@pytest.mark.xfail(
-    reason="automl bug: spec.Spec._cross_checks only checks method=grid; cmaes over categoricals is refused "
-    "only later by samplers.check_method (Sweep.__init__), so load_spec and `automl validate` accept it",
-    strict=True,
-)
 def test_cmaes_over_categoricals_is_refused(tmp_path: Path) -> None:
     raw = spec_with(lambda d: d.update(method="cmaes", parameters={
         "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
@@ -428,11 +424,6 @@ def test_missing_file(tmp_path: Path) -> None:
     assert "not found" in message
 
 
-@pytest.mark.xfail(
-    reason="automl bug: spec.load_spec (spec.py, path.read_text) lets IsADirectoryError escape for a directory "
-    "path (and PermissionError for an unreadable file): only stat() errors are turned into SpecError",
-    strict=True,
-)
 def test_directory_instead_of_file_is_a_spec_error(tmp_path: Path) -> None:
     folder = tmp_path / "spaces.yaml"
     folder.mkdir()

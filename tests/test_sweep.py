@@ -67,7 +67,8 @@ def test_digits_mlp_sweep_is_recorded_in_mlflow_and_the_best_model_predicts(work
     }
     result = Sweep.from_dict(spec, workdir=workdir).run()
     assert [t.state for t in result.trials] == ["COMPLETE"] * 4
-    assert result.best is not None and result.best.value > 0.85
+    assert result.best is not None
+    assert result.best.value > 0.85
 
     client = client_for(workdir)
     names = [e.name for e in client.search_experiments()]
@@ -136,7 +137,8 @@ def test_grid_runs_every_point_once(workdir: Path) -> None:
     result = run_toy(workdir, method="grid", parameters=params, budget={"max_concurrent": 2})
     points = sorted((t.params["x"], t.params["kind"]) for t in result.trials)
     assert points == sorted((x, k) for x in (0.0, 0.2, 0.4) for k in ("a", "b"))
-    assert result.best is not None and result.best.params == {"x": 0.2, "kind": "b"}
+    assert result.best is not None
+    assert result.best.params == {"x": 0.2, "kind": "b"}
 
 
 def test_failing_and_nan_trials_are_failed_with_their_reason_and_the_sweep_goes_on(workdir: Path) -> None:
@@ -146,7 +148,8 @@ def test_failing_and_nan_trials_are_failed_with_their_reason_and_the_sweep_goes_
     by_state: dict[str, list[Any]] = {}
     for t in result.trials:
         by_state.setdefault(t.state, []).append(t)
-    assert by_state.get("FAILED") and by_state.get("COMPLETE")
+    assert by_state.get("FAILED")
+    assert by_state.get("COMPLETE")
     client = client_for(workdir)
     runs = {r.data.tags["automl.trial"]: r for r in children(client, result.parent_run_id)}
     for t in result.trials:
@@ -157,10 +160,12 @@ def test_failing_and_nan_trials_are_failed_with_their_reason_and_the_sweep_goes_
             tb = client.download_artifacts(run.info.run_id, "traceback.txt", str(workdir))
             assert "ValueError" in Path(tb).read_text()
         elif t.params["x"] < 0.1:
-            assert run.info.status == "FAILED" and "nan" in run.data.tags["automl.error"].lower()
+            assert run.info.status == "FAILED"
+            assert "nan" in run.data.tags["automl.error"].lower()
         else:
             assert run.info.status == "FINISHED"
-    assert result.best is not None and 0.1 <= result.best.params["x"] <= 0.5
+    assert result.best is not None
+    assert 0.1 <= result.best.params["x"] <= 0.5
 
 
 def test_early_stopped_trials_are_finished_with_a_tag(workdir: Path) -> None:
@@ -183,7 +188,8 @@ def test_class_trainer_returning_a_sklearn_model_is_exported_and_predicts(workdi
                     metric={"name": "val_accuracy"}, budget={"trials": 2, "max_concurrent": 2}, fixed={},
                     parameters={"C": {"type": "float", "low": 0.1, "high": 10, "log": True}})
     result = Sweep.from_dict(spec, base_dir=ASSETS, workdir=workdir).run()
-    assert result.best is not None and result.best.model_uri
+    assert result.best is not None
+    assert result.best.model_uri
     out = result.export(workdir / "exported", format="mlflow")
     import mlflow.pyfunc
     import sklearn.datasets
