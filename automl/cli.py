@@ -250,7 +250,8 @@ def export(
 def predict(
     model: Annotated[str, typer.Argument(help="An exported model directory, or a runs:/ or models:/ URI.")],
     data: Annotated[Path, typer.Argument(help="CSV of raw rows with the original columns.")],
-    out: Annotated[Path | None, typer.Option(help="Write predictions here (CSV); default: stdout.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the rows with a prediction column here (CSV); "
+                                                  "default: print the predictions.")] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Predict on raw rows with an exported or registered model."""
@@ -262,7 +263,7 @@ def predict(
     uri = resolve_tracking_uri(tracking_uri) if "://" in model else None
     result = do_predict(model, frame, tracking_uri=uri)
     if out is None:
-        result.to_csv(sys.stdout, index=False)
+        result[["prediction"]].to_csv(sys.stdout, index=False)
     else:
         result.to_csv(out, index=False)
         console.print(f"wrote {len(result)} predictions to {out}", highlight=False)
@@ -336,6 +337,7 @@ def ui(
 
 
 def main() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     app()
 
 

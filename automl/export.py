@@ -31,7 +31,10 @@ class AutoMLPyfunc(PythonModel):
     ``params={"predict_method": "predict_proba"}`` returns one probability column per class instead.
     """
 
-    # No type hints on load_context/predict: MLflow reads them as a schema and warns on anything else.
+    # Skips MLflow's type-hint-based input validation (and its warning that predict() has no type hints):
+    # the signature, inferred from the input example, already describes and checks the input.
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         from automl.bundle import ModelBundle
 
