@@ -74,13 +74,18 @@ class TrialRunner:
         self._threads = max(1, threads)
         self._fit = trainer.load()  # import the trainer (and torch) once per actor, not per trial
         self._stop: set[int] = set()
-        import sys
-
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(self._threads)
         warmup = getattr(getattr(self._fit, "__self__", None), "warmup", None)
         if callable(warmup):
             warmup()
+        self._limit_threads()
+
+    def _limit_threads(self) -> None:
+        """Keep torch to the trial's CPUs (Ray sets OMP_NUM_THREADS likewise): no oversubscription."""
+        import sys
+
+        torch = sys.modules.get("torch")  # only if the trainer uses it; never import it for nothing
+        if torch is not None and torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)
 
     def ready(self) -> int:
         return os.getpid()
@@ -88,8 +93,8 @@ class TrialRunner:
     def stop(self, number: int) -> None:
         self._stop.add(number)
 
-    def run(self, number: int, params: dict[str, Any], data: Any, seed: int) -> Iterator[Event]:
-        """Generator of ``Report`` events, ending with one ``TrialEnd``."""
+    def run(self, number: int, params: dict[str, Any], data: Any, seed: int) -> Iterator[list[Event]]:
+        """Generator of lists of events: ``Report``s, the last list ending with the trial's ``TrialEnd``."""
         from automl.bundle import pack_model
         from automl.trainer import StopTrial
 
@@ -103,6 +108,7 @@ class TrialRunner:
             events.put(Report(number, int(step), clean))
 
         def target() -> None:
+            self._limit_threads()
             _seed_everything(seed)
             start = time.perf_counter()
             try:
@@ -127,9 +133,15 @@ class TrialRunner:
         thread = threading.Thread(target=target, name=f"trial-{number}", daemon=True)
         thread.start()
         while True:
-            event = events.get()
-            yield event
-            if isinstance(event, TrialEnd):
+            # Whatever the trainer reported since the last item travels as one list: one Ray object, not many.
+            batch = [events.get()]
+            while not isinstance(batch[-1], TrialEnd):
+                try:
+                    batch.append(events.get_nowait())
+                except queue.Empty:
+                    break
+            yield batch
+            if isinstance(batch[-1], TrialEnd):
                 stop.discard(number)
                 return
 
@@ -239,29 +251,39 @@ class RayBackend:
         if ready:
             more, _ = self._ray.wait(streams, num_returns=len(streams), timeout=0)
             ready = list(dict.fromkeys([*ready, *more]))
-        events: list[Event] = []
+        refs: list[tuple[_Slot, Any]] = []
         for stream in ready:
-            slot = self._by_stream[stream]
-            number = slot.number
-            assert number is not None  # a stream always belongs to a busy slot
             try:
-                ref = next(stream)  # type: ignore[arg-type]
-                event = self._ray.get(ref)
+                refs.append((self._by_stream[stream], next(stream)))  # type: ignore[arg-type]
             except StopIteration:
                 continue  # the TrialEnd was already delivered and the slot freed
-            except (self._ray.exceptions.RayActorError, self._ray.exceptions.WorkerCrashedError) as exc:
-                event = TrialEnd(number, FAILED, time.monotonic() - slot.started,
-                                 error=f"the Ray worker running the trial died: {_first_line(exc)}")
-                slot.actor = self._new_actor()
-            except self._ray.exceptions.RayError as exc:
-                event = TrialEnd(number, FAILED, time.monotonic() - slot.started, error=_first_line(exc))
-            events.append(event)
-            if isinstance(event, TrialEnd):
-                del self._by_stream[stream]
+        events: list[Event] = []
+        try:
+            batches = self._ray.get([ref for _, ref in refs])  # one round trip for every ready trial
+        except self._ray.exceptions.RayError:
+            batches = [self._get_one(slot, ref) for slot, ref in refs]
+        for (slot, _), batch in zip(refs, batches, strict=True):
+            events.extend(batch)
+            if isinstance(batch[-1], TrialEnd):
+                del self._by_stream[slot.stream]
                 slot.number = None
                 slot.stream = None
                 slot.pending_stop = False
         return events
+
+    def _get_one(self, slot: _Slot, ref: Any) -> list[Event]:
+        """One stream's events; a dead worker or a lost object ends its trial as FAILED."""
+        number = slot.number
+        assert number is not None  # a stream always belongs to a busy slot
+        try:
+            batch: list[Event] = self._ray.get(ref)
+            return batch
+        except (self._ray.exceptions.RayActorError, self._ray.exceptions.WorkerCrashedError) as exc:
+            slot.actor = self._new_actor()
+            return [TrialEnd(number, FAILED, time.monotonic() - slot.started,
+                             error=f"the Ray worker running the trial died: {_first_line(exc)}")]
+        except self._ray.exceptions.RayError as exc:
+            return [TrialEnd(number, FAILED, time.monotonic() - slot.started, error=_first_line(exc))]
 
     def shutdown(self) -> None:
         for s in self._slots:

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
     from automl.backend import RayBackend, Report, TrialEnd
     from automl.data import PreparedData
-    from automl.tracking import SweepTracker
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +173,11 @@ def connect_ray(address: str | None) -> None:
         raise AutoMLError(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def _import_tracking() -> None:
     """Import MLflow ahead of use (about 2 s), in a start-up thread."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -198,44 +202,51 @@ class _SweepRun:
         self.best: TrialRecord | None = None
         self.sweep_id = f"{self.spec.name}-{_now_id()}"
 
-    # The order below is deliberate: everything that can fail on bad input (data, trainer import) happens
-    # before anything is written (state folder, Optuna journal, MLflow).
+    # The order below is deliberate. Everything that can fail on bad input (data, the trainer's import)
+    # fails before anything is written (state folder, Optuna journal, MLflow). Slow start-up steps overlap:
+    # Ray starts while the data loads and MLflow and the trainer import; the MLflow writer process imports
+    # MLflow on its own; the parent run is created while the trial actors warm up.
     def run(self) -> SweepResult:
         from automl.samplers import make_sampler, sampler_name
         from automl.schedulers import make_pruner
+        from automl.tracking import SweepTracker
 
         started = time.perf_counter()
         spec = self.spec
         sampler = make_sampler(spec.method, self.sweep.space, spec.seed)
         self.sampler_name = sampler_name(spec.method, self.sweep.space)
         pruner = make_pruner(spec.early_stopping, spec.fixed)
-        # Start-up work overlaps: Ray's processes start while this process reads the data and imports MLflow.
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="automl-start") as pool:
-            data_future = pool.submit(self._prepare_data)
-            pool.submit(_import_tracking)
-            connect_ray(self.sweep.address)
-            prepared = data_future.result()
-        backend = self._start_backend(prepared)
+        self.tracker = SweepTracker(self.sweep.tracking_uri)
+        backend: RayBackend | None = None
         try:
+            with ThreadPoolExecutor(max_workers=3, thread_name_prefix="automl-start") as pool:
+                data_future = pool.submit(self._prepare_data)
+                trainer_future = pool.submit(self.sweep.trainer.load)  # a broken trainer fails here, early
+                pool.submit(_import_tracking)
+                connect_ray(self.sweep.address)
+                prepared = data_future.result()
+                trainer_future.result()
+            backend = self._start_backend(prepared)
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            from automl import tracking
-
-            backend.wait_ready()
             self.folder, study = self._create_study(sampler, pruner)
             self.planned = self.sweep.planned_trials()
-            self.deadline = time.monotonic() + spec.budget.time if spec.budget.time else None
-            pending: list[int] = self._launch(study, backend)
-            self.tracker = self._start_tracking(tracking)
-            for number in pending:
-                self._record_start(number)
+            self._open_tracking(backend.capacity)
+        except BaseException:
+            self.tracker.close()
+            if backend is not None:
+                backend.shutdown()
+            raise
+        try:
             status = "FINISHED"
             try:
+                backend.wait_ready()
+                self.deadline = time.monotonic() + spec.budget.time if spec.budget.time else None
                 self._loop(study, backend, prepared)
-            except KeyboardInterrupt:
-                status = "KILLED"
-                self._cancel(study, backend, "cancelled by the user")
+            except BaseException as exc:
+                status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+                self._cancel(study, backend, "cancelled by the user" if status == "KILLED" else _first_line(exc))
                 raise
             finally:
                 self._finish(status, prepared)
@@ -268,30 +279,32 @@ class _SweepRun:
 
     def _create_study(self, sampler: Any, pruner: Any) -> tuple[Path, optuna.Study]:
         import optuna
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        from automl.state import SweepState, journal_path, state_root
+        from automl.journal import open_storage
+        from automl.state import SweepState, journal_path, reserve_sweep_id, state_root
 
         root = state_root(self.sweep.workdir)
+        self.sweep_id = reserve_sweep_id(root, self.sweep_id)
         self.state = SweepState(
             sweep_id=self.sweep_id, name=self.spec.name,
             spec=self.spec.model_dump(mode="json"), base_dir=str(self.sweep.base_dir),
             tracking_uri=self.sweep.tracking_uri, created=time.time(),
         )
         folder = self.state.save(root)
-        storage = JournalStorage(JournalFileBackend(str(journal_path(folder))))
+        storage = open_storage(journal_path(folder))
         study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner,
                                     study_name=self.sweep_id, direction=self.spec.metric.goal)
         return folder, study
 
-    def _start_tracking(self, tracking: Any) -> SweepTracker:
+    def _open_tracking(self, slots: int) -> None:
+        from automl import tracking
+
         spec = self.spec
-        client = tracking.make_client(self.sweep.tracking_uri)
         artifact_location = tracking.default_artifact_location(
             self.sweep.tracking_uri, spec.experiment_name, self.sweep.workdir)
         params = {
             "sweep.method": spec.method, "sweep.sampler": self.sampler_name, "sweep.trials": self.planned,
-            "sweep.max_concurrent": self.backend_slots, "sweep.seed": spec.seed,
+            "sweep.max_concurrent": slots, "sweep.seed": spec.seed,
             "sweep.metric": self.metric, "sweep.goal": self.goal, "sweep.trainer": spec.trainer,
             "sweep.early_stopping": spec.early_stopping.method,
         }
@@ -302,20 +315,16 @@ class _SweepRun:
             import yaml
 
             spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-        tracker = tracking.SweepTracker.start(
-            client, experiment=spec.experiment_name, artifact_location=artifact_location,
-            run_name=self.sweep_id, tags=tags, params=params, spec_text=spec_text,
-        )
-        self.state.experiment_id = tracker.experiment_id
-        self.state.parent_run_id = tracker.parent_run_id
+        self.tracker.open(experiment=spec.experiment_name, artifact_location=artifact_location,
+                          run_name=self.sweep_id, tags=tags, params=params, spec_text=spec_text)
+        self.state.experiment_id = self.tracker.experiment_id
+        self.state.parent_run_id = self.tracker.parent_run_id
         self.state.save(self.folder.parent)
-        return tracker
 
     # ------------------------------------------------------------------------------------------ the loop
 
     def _launch(self, study: optuna.Study, backend: RayBackend) -> list[int]:
         """Fill free slots while budget is left; returns the numbers of the trials launched."""
-        self.backend_slots = backend.capacity
         launched: list[int] = []
         while backend.free_slots() and len(self.records) < self.planned and not self._out_of_time():
             trial = study.ask()
@@ -324,6 +333,7 @@ class _SweepRun:
             self.optuna_trials[number] = trial
             self.records[number] = TrialRecord(number=number, params=params)
             backend.launch(number, {**params, **self.spec.fixed}, seed=self.spec.seed + number)
+            self._record_start(number)
             launched.append(number)
         return launched
 
@@ -343,8 +353,7 @@ class _SweepRun:
 
         timed_out = False
         while True:
-            for number in self._launch(study, backend):
-                self._record_start(number)
+            self._launch(study, backend)
             if not backend.running():
                 break
             if self._out_of_time() and not timed_out:

@@ -53,6 +53,19 @@ class SweepState:
         return cls(**json.loads((folder / "sweep.json").read_text()))
 
 
+def reserve_sweep_id(root: Path, base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``...: the first id whose folder this call could create (atomic)."""
+    root.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        sweep_id = base if n == 1 else f"{base}-{n}"
+        try:
+            (root / sweep_id).mkdir()
+            return sweep_id
+        except FileExistsError:
+            n += 1
+
+
 def journal_path(folder: Path) -> Path:
     return folder / "study.journal"
 

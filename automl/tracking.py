@@ -1,18 +1,19 @@
 """MLflow as the record of a sweep: one parent run per sweep, one child run per trial, the best model.
 
-Written only from the driver, through ``MlflowClient`` with explicit run ids (never the fluent "active run").
-Trial events go through a queue to one writer thread, off the sweep's hot path; the writer coalesces what is
+Written only from the driver's side (its process and one writer process it owns; never from Ray workers),
+through ``MlflowClient`` with explicit run ids (never the fluent "active run").
+Trial events go through a queue to one writer process, off the sweep's hot path; the writer coalesces what is
 queued so that a trial costs at most one MLflow write per report (usually: create, one batch, terminate).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
-import queue
-import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,26 +123,43 @@ class _TrialLog:
 
 
 class SweepTracker:
-    """The MLflow side of one sweep; trial methods are non-blocking, ``flush`` waits for the writer."""
+    """The MLflow side of one sweep, seen from the driver.
 
-    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str) -> None:
-        self.client = client
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self._queue: queue.SimpleQueue[tuple[str, int, Any] | None] = queue.SimpleQueue()
-        self._trials: dict[int, _TrialLog] = {}
-        self._error: BaseException | None = None
-        self._idle = threading.Event()
-        self._idle.set()
-        self._thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
-        self._thread.start()
+    The parent run is written here, synchronously. Trial events go to a writer *process*
+    (``python -m automl._mlflow_writer``) as JSON lines on its stdin: MLflow's client spends ~13 ms of Python
+    per trial on SQLite, which in the driver's process would hold the GIL against the sweep loop; in its own
+    process it runs beside it. If the driver is killed, the writer still drains what it was sent (its stdin
+    reaches end-of-file) and exits. A plain subprocess rather than ``multiprocessing``: spawn would re-run a
+    user's script that calls ``Sweep.run()`` without an ``if __name__ == "__main__"`` guard.
+    """
 
-    # -------------------------------------------------------------- the sweep (driver thread)
+    def __init__(self, tracking_uri: str) -> None:
+        """Start the writer process now (it imports MLflow, ~2 s of CPU, while the sweep starts up);
+        it writes nothing until ``open`` names the parent run."""
+        import subprocess
+        import sys
+        import threading
 
-    @classmethod
-    def start(
-        cls,
-        client: MlflowClient,
+        self.tracking_uri = tracking_uri
+        self.experiment_id = ""
+        self.parent_run_id = ""
+        self._run_ids: dict[int, str] = {}
+        self._errors: list[str] = []
+        self._flushed = 0
+        self._asked = 0
+        self._cond = threading.Condition()
+        env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "automl._mlflow_writer", tracking_uri],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+        self._reader = threading.Thread(target=self._read_replies, name="mlflow-writer-replies", daemon=True)
+        self._reader.start()
+
+    # -------------------------------------------------------------- the sweep (driver)
+
+    def open(
+        self,
         *,
         experiment: str,
         artifact_location: str | None,
@@ -150,8 +168,9 @@ class SweepTracker:
         params: dict[str, Any],
         spec_text: str | None = None,
         run_id: str | None = None,
-    ) -> SweepTracker:
-        """Create (or, resuming, reopen) the sweep's parent run."""
+    ) -> None:
+        """Create (or, resuming, reopen) the sweep's parent run; from now on trial events are written."""
+        client = self.client = make_client(self.tracking_uri)
         experiment_id = get_or_create_experiment(client, experiment, artifact_location)
         if run_id is None:
             run = client.create_run(experiment_id, run_name=run_name, tags={**tags, TAG_ROLE: "sweep"})
@@ -161,7 +180,8 @@ class SweepTracker:
                 client.log_text(run_id, spec_text, "spec.yaml")
         else:
             client.update_run(run_id, status="RUNNING")
-        return cls(client, experiment_id, run_id)
+        self.experiment_id, self.parent_run_id = experiment_id, run_id
+        self._send(["open", 0, [experiment_id, run_id]])
 
     def finish(
         self,
@@ -185,83 +205,169 @@ class SweepTracker:
     # -------------------------------------------------------------- trials (non-blocking)
 
     def trial_started(self, number: int, params: dict[str, Any], tags: dict[str, str]) -> None:
-        self._put("start", number, (params, tags, _now_ms()))
+        self._send(["start", number, [{k: _param_text(v) for k, v in params.items()}, tags, _now_ms()]])
 
     def trial_reported(self, number: int, step: int, metrics: dict[str, float]) -> None:
-        self._put("report", number, (step, metrics, _now_ms()))
+        self._send(["report", number, [step, metrics, _now_ms()]])
 
     def trial_finished(self, number: int, state: str, tags: dict[str, str],
                        artifacts: Iterable[tuple[str, str]] = ()) -> None:
-        self._put("end", number, (state, tags, list(artifacts), _now_ms()))
+        self._send(["end", number, [state, tags, [list(a) for a in artifacts], _now_ms()]])
 
     def run_id_of(self, number: int) -> str | None:
-        """The child run id of a trial (after ``flush``)."""
-        log_ = self._trials.get(number)
-        return log_.run_id if log_ else None
+        """The child run id of a trial (known after ``flush``)."""
+        return self._run_ids.get(number)
 
-    def flush(self, timeout: float = 300.0) -> None:
-        self._queue.put(("flush", -1, None))
-        deadline = time.monotonic() + timeout
-        while not self._idle.wait(0.05) or not self._queue.empty():
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                break
-        if self._error is not None:
-            raise self._error
+    def flush(self, timeout: float = 600.0) -> None:
+        """Wait until the writer has written everything sent so far."""
+        self._asked += 1
+        target = self._asked
+        self._send(["flush", target, None])
+        with self._cond:
+            self._cond.wait_for(lambda: self._flushed >= target or self._proc.poll() is not None, timeout)
+            if self._flushed < target and not self._errors:
+                self._errors.append(f"the MLflow writer stopped (exit code {self._proc.poll()})")
+        self._raise_errors()
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        if self._error is not None:
-            raise self._error
+        try:
+            if self._proc.poll() is None:
+                self.flush()
+        finally:
+            if self._proc.stdin is not None and not self._proc.stdin.closed:
+                with contextlib.suppress(OSError):
+                    self._proc.stdin.close()  # end-of-file: the writer exits
+            self._proc.wait(timeout=60)
+            self._reader.join(timeout=5)
 
-    def _put(self, kind: str, number: int, payload: Any) -> None:
-        self._idle.clear()
-        self._queue.put((kind, number, payload))
+    def _send(self, message: list[Any]) -> None:
+        stdin = self._proc.stdin
+        try:
+            if stdin is None:
+                raise ValueError("no pipe")
+            stdin.write(json.dumps(message).encode() + b"\n")
+            stdin.flush()
+        except (BrokenPipeError, ValueError):
+            with self._cond:
+                self._errors.append(f"the MLflow writer stopped (exit code {self._proc.poll()})")
 
-    # -------------------------------------------------------------- writer thread
+    def _read_replies(self) -> None:
+        stdout = self._proc.stdout
+        for line in stdout if stdout is not None else ():
+            try:
+                kind, number, payload = json.loads(line)
+            except ValueError:
+                continue
+            with self._cond:
+                if kind == "run_id":
+                    self._run_ids[number] = payload
+                elif kind == "error":
+                    self._errors.append(payload)
+                elif kind == "flushed":
+                    self._flushed = max(self._flushed, number)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
 
-    def _run(self) -> None:
+    def _raise_errors(self) -> None:
+        if self._errors:
+            from automl.errors import AutoMLError
+
+            raise AutoMLError("MLflow: " + self._errors[0])
+
+
+def writer_main(tracking_uri: str) -> None:
+    """The writer process: read JSON-line events on stdin, apply them to MLflow, reply on stdout.
+
+    A reader thread empties stdin at once (the driver never blocks on a full pipe); the main thread writes
+    to MLflow, coalescing whatever has arrived since its last round.
+    """
+    import queue
+    import sys
+    import threading
+
+    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def read() -> None:
+        for line in sys.stdin.buffer:
+            inbox.put(json.loads(line))
+        inbox.put(None)  # end-of-file: the driver closed the pipe or died
+
+    threading.Thread(target=read, daemon=True).start()
+    # Replies go to the original stdout; anything a library prints lands on stderr instead of in the protocol.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def reply(kind: str, number: int, payload: Any) -> None:
+        out.write(json.dumps([kind, number, payload]) + "\n")
+        out.flush()
+
+    import mlflow.tracking  # noqa: F401 - the slow import, done while the driver starts the sweep
+
+    first = inbox.get()
+    if first is None or first[0] != "open":
+        return  # the sweep ended before it had a parent run (bad data, a trainer that failed to load)
+    experiment_id, parent_run_id = first[2]
+    writer = _TrialWriter(make_client(tracking_uri), experiment_id, parent_run_id, reply)
+    stopping = False
+    while not stopping:
+        batch = [inbox.get()]
+        while True:
+            try:
+                batch.append(inbox.get_nowait())
+            except queue.Empty:
+                break
+        stopping = writer.apply(batch)
+
+
+class _TrialWriter:
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str,
+                 reply: Callable[[str, int, Any], None]) -> None:
+        self.client = client
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.reply = reply
+        self.trials: dict[int, _TrialLog] = {}
+
+    def apply(self, batch: list[Any]) -> bool:
+        """Write one round; returns True when the driver asked the writer to stop."""
         stopping = False
-        while not stopping:
-            item = self._queue.get()
-            batch = [item]
-            # Coalesce whatever else is already queued into the same round of writes.
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            dirty: dict[int, _TrialLog] = {}
-            for entry in batch:
-                if entry is None:
-                    stopping = True
-                    continue
-                kind, number, payload = entry
-                if kind == "flush":
-                    continue
-                t = self._trials.setdefault(number, _TrialLog())
-                dirty[number] = t
-                if kind == "start":
-                    t.params, t.start_ms = dict(payload[0]), payload[2]
-                    t.tags.update(payload[1])
-                elif kind == "report":
-                    step, metrics, ts = payload
-                    t.metrics.extend((k, v, ts, step) for k, v in metrics.items())
-                else:
-                    state, tags, artifacts, ts = payload
-                    t.status = MLFLOW_STATUS.get(state, "FINISHED")
-                    t.tags.update(tags)
-                    t.end_ms = ts
-                    t.artifacts.extend(artifacts)
-            for number, t in dirty.items():
-                try:
-                    self._write(number, t)
-                except Exception as exc:  # keep the sweep alive; report at flush
-                    log.warning("MLflow write for trial %s failed: %s", number, exc)
-                    self._error = exc
-            if self._queue.empty():
-                self._idle.set()
+        flushes: list[int] = []
+        dirty: dict[int, _TrialLog] = {}
+        for entry in batch:
+            if entry is None:
+                stopping = True
+                continue
+            kind, number, payload = entry
+            if kind == "flush":
+                flushes.append(number)
+                continue
+            t = self.trials.setdefault(number, _TrialLog())
+            dirty[number] = t
+            if kind == "start":
+                t.params, t.start_ms = dict(payload[0]), payload[2]
+                t.tags.update(payload[1])
+            elif kind == "report":
+                step, metrics, ts = payload
+                t.metrics.extend((k, v, ts, step) for k, v in metrics.items())
+            else:
+                state, tags, artifacts, ts = payload
+                t.status = MLFLOW_STATUS.get(state, "FINISHED")
+                t.tags.update(tags)
+                t.end_ms = ts
+                t.artifacts.extend((a[0], a[1]) for a in artifacts)
+        for number, t in dirty.items():
+            try:
+                created = t.run_id is None
+                self._write(number, t)
+                if created:
+                    self.reply("run_id", number, t.run_id)
+            except Exception as exc:  # keep writing the other trials; the driver raises at flush
+                self.reply("error", number, f"trial {number}: {type(exc).__name__}: {exc}")
+        for seq in flushes:
+            self.reply("flushed", seq, None)
+        return stopping
 
     def _write(self, number: int, t: _TrialLog) -> None:
         params: dict[str, Any] = {}

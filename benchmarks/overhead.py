@@ -21,7 +21,8 @@ The runners:
   Optuna journal and state folder written as in any sweep. Trainers ``objectives:trivial`` and
   ``objectives:digits_mlp``; the row "automl (trainer: mlp)" runs the built-in ``mlp`` trainer instead
   (``fixed: {epochs: 10}``): the same training, but its in-trial compute is automl's own
-  ``TrialRecord.seconds``, which includes torch's one-time warm-up (about 1 s) in each actor's first trial.
+  ``TrialRecord.seconds``, which in each actor's first trial also counts what the trainer initialises
+  lazily (when this was written: importing ``scipy.stats`` in ``automl.metrics.roc_auc``, 1.5 to 2 s).
 
 Definitions:
 
@@ -40,8 +41,10 @@ Definitions:
 
 DESIGN.md section 7 gives the budgets: automl at most 15 ms per trivial trial and an efficiency of at least
 0.90 on the digits sweep. Timings on a shared 2-core machine are noisy; compare runners within one run.
-Ray Tune with default settings needs about a second per trial; ``--quick`` runs it on fewer trivial trials
-(the table says how many).
+Ray Tune with default settings needs 1 to 1.5 s per trial, so the full run takes about 7 minutes on 2 cores;
+``--quick`` runs that one sweep on fewer trivial trials (the table says how many) and takes about 3.
+Ray Tune's default runner ends each trial's worker with SIGTERM, and Ray forwards the workers' resulting
+"SystemExit: 1" tracebacks to this terminal: they are noise, not failures (a failed sweep shows in the table).
 """
 
 from __future__ import annotations
@@ -98,8 +101,13 @@ class Measurement:
             return None
         return (self.compute_s / self.concurrency) / self.wall_s
 
+    @property
+    def mean_compute_s(self) -> float | None:
+        return self.compute_s / self.completed if self.completed else None
+
     def as_json(self) -> dict[str, Any]:
-        return {**asdict(self), "ms_per_trial": self.ms_per_trial, "efficiency": self.efficiency}
+        return {**asdict(self), "ms_per_trial": self.ms_per_trial, "efficiency": self.efficiency,
+                "mean_compute_s": self.mean_compute_s}
 
 
 @contextlib.contextmanager
@@ -207,7 +215,8 @@ def tune_sweep(m: Measurement, *, reuse_actors: bool) -> None:
 
 def automl_spec(workload: str, trials: int, trainer: str | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "name": f"overhead-{workload}",
+        # One name per sweep here: automl's sweep id is the name plus a timestamp in whole seconds.
+        "name": f"overhead-{workload}" + (f"-{trainer.replace(':', '.')}" if trainer else ""),
         "method": "bayesian",
         "budget": {"trials": trials, "max_concurrent": CONCURRENCY},
         "seed": objectives.SEED,
@@ -380,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"`{command}` on {machine()}; " + ", ".join(f"{k} {v}" for k, v in info.items())
           + f"; {CONCURRENCY} concurrent trials; trivial: {n_trivial} trials, digits: {n_digits} trials of "
           f"{objectives.DIGITS_EPOCHS} epochs. Total {time.perf_counter() - started:.0f} s.")
+    digits = [(name, d) for name, _, d in rows if d is not None and d.mean_compute_s is not None]
+    print("In-trial compute per digits trial (s): "
+          + ", ".join(f"{name} {d.mean_compute_s:.2f}" for name, d in digits)
+          + ". Threads of one process (optuna) slow each other down, which lengthens their compute.")
     if n_tune_default_trivial != n_trivial:
         print(f"--quick: Ray Tune with default settings ran {n_tune_default_trivial} trivial trials, not "
               f"{n_trivial}.")

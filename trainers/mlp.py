@@ -96,8 +96,9 @@ class MLPTrainer(Trainer):
             raise ValueError("mlp: needs data (add a data: section to the spec)")
         p = _check(params)
         classification = data.task == "classification"
-        X = torch.from_numpy(data.X_train)
-        Xv = torch.from_numpy(data.X_val)
+        # Copies: arrays from Ray's object store are read-only, and torch must not write into them.
+        X = torch.tensor(data.X_train)
+        Xv = torch.tensor(data.X_val)
         if classification:
             y = torch.from_numpy(data.y_train.astype(np.int64))
             yv = torch.from_numpy(data.y_val.astype(np.int64))
