@@ -78,9 +78,9 @@ def run(
     sweep = Sweep.from_yaml(spec, overrides=overrides, tracking_uri=tracking_uri, address=address)
     total = sweep.planned_trials()
     console.print(f"[bold]{sweep.spec.name}[/bold]: {total} trials of [cyan]{sweep.spec.trainer}[/cyan], "
-                  f"method {sweep.spec.method}, optimising {sweep.spec.metric.name} ({sweep.spec.direction})",
+                  f"method {sweep.spec.method}, optimising {sweep.spec.metric_name} ({sweep.spec.direction})",
                   highlight=False)
-    with _Progress(total, sweep.spec.metric.name, sweep.spec.direction) as progress:
+    with _Progress(total, sweep.spec.metric_name, sweep.spec.direction) as progress:
         result = sweep.run(on_event=progress.on_event)
     _print_result(result)
 

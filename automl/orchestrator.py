@@ -48,6 +48,8 @@ class TrialRecord:
     seconds: float = 0.0
     error: str | None = None
     run_id: str | None = None
+    values: list[float] | None = None  # one per metric when the spec optimises several
+    pareto: bool = False  # on the Pareto front (several metrics only)
 
 
 @dataclass
@@ -74,15 +76,24 @@ class SweepResult:
     sampler: str
     wall_seconds: float
     state_dir: Path
+    objectives: list[tuple[str, str]] = field(default_factory=list)  # (metric, goal), the first one ranks
+    pareto_front: list[int] = field(default_factory=list)  # trial numbers, several metrics only
 
     def leaderboard(self, top: int | None = None) -> pd.DataFrame:
         """Trials sorted best first (finished trials first, then stopped, then failed)."""
         import pandas as pd
 
         rows = []
+        multi = len(self.objectives) > 1
         for t in self.trials:
-            rows.append({"trial": t.number, "state": t.state, self.metric: t.value, "epochs": t.epochs,
-                         "seconds": round(t.seconds, 2), **t.params, "run_id": t.run_id})
+            row: dict[str, Any] = {"trial": t.number, "state": t.state}
+            if multi:
+                for i, (name, _) in enumerate(self.objectives):
+                    row[name] = t.values[i] if t.values else t.metrics.get(name)
+                row["pareto"] = t.pareto
+            else:
+                row[self.metric] = t.value
+            rows.append({**row, "epochs": t.epochs, "seconds": round(t.seconds, 2), **t.params, "run_id": t.run_id})
         frame = pd.DataFrame(rows)
         if frame.empty:
             return frame
@@ -195,8 +206,10 @@ class _SweepRun:
         self.sweep = sweep
         self.spec = sweep.spec
         self.on_event = on_event or (lambda kind, record: None)
-        self.metric = self.spec.metric.name
+        self.metric = self.spec.metric_name
         self.goal = self.spec.direction
+        self.objectives = self.spec.objectives
+        self.multi = len(self.objectives) > 1
         self.records: dict[int, TrialRecord] = {}
         self.optuna_trials: dict[int, optuna.trial.Trial] = {}
         self.best: TrialRecord | None = None
@@ -213,8 +226,10 @@ class _SweepRun:
 
         started = time.perf_counter()
         spec = self.spec
-        sampler = make_sampler(spec.method, self.sweep.space, spec.seed)
-        self.sampler_name = sampler_name(spec.method, self.sweep.space)
+        self.planned = self.sweep.planned_trials()
+        shape = {"objectives": len(self.objectives), "trials": self.planned}
+        sampler = make_sampler(spec.method, self.sweep.space, spec.seed, **shape)
+        self.sampler_name = sampler_name(spec.method, self.sweep.space, **shape)
         pruner = make_pruner(spec.early_stopping, spec.fixed)
         self.tracker = SweepTracker(self.sweep.tracking_uri)
         backend: RayBackend | None = None
@@ -231,7 +246,7 @@ class _SweepRun:
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             self.folder, study = self._create_study(sampler, pruner)
-            self.planned = self.sweep.planned_trials()
+            self.study = study
             self._open_tracking(backend.capacity)
         except BaseException:
             self.tracker.close()
@@ -292,8 +307,8 @@ class _SweepRun:
         )
         folder = self.state.save(root)
         storage = open_storage(journal_path(folder))
-        study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner,
-                                    study_name=self.sweep_id, direction=self.spec.metric.goal)
+        study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=self.sweep_id,
+                                    directions=[m.goal or "maximize" for m in self.objectives])
         return folder, study
 
     def _open_tracking(self, slots: int) -> None:
@@ -305,7 +320,8 @@ class _SweepRun:
         params = {
             "sweep.method": spec.method, "sweep.sampler": self.sampler_name, "sweep.trials": self.planned,
             "sweep.max_concurrent": slots, "sweep.seed": spec.seed,
-            "sweep.metric": self.metric, "sweep.goal": self.goal, "sweep.trainer": spec.trainer,
+            "sweep.metric": ",".join(m.name for m in self.objectives),
+            "sweep.goal": ",".join(m.goal or "" for m in self.objectives), "sweep.trainer": spec.trainer,
             "sweep.early_stopping": spec.early_stopping.method,
         }
         tags = {tracking.TAG_SWEEP: spec.name, tracking.TAG_SWEEP_ID: self.sweep_id,
@@ -376,7 +392,7 @@ class _SweepRun:
             record.value = value
             if not math.isfinite(value):
                 backend.stop(event.number)  # diverged: no point in training on; recorded FAILED at its end
-            else:
+            elif not self.multi:  # Optuna prunes single-objective studies only
                 trial = self.optuna_trials[event.number]
                 trial.report(value, event.step)
                 if trial.should_prune():
@@ -392,16 +408,23 @@ class _SweepRun:
         trial = self.optuna_trials.pop(event.number)
         state = event.state
         error = event.error
-        if state in ("COMPLETE", "STOPPED") and record.value is not None and not math.isfinite(record.value):
-            state, error = "FAILED", f"'{self.metric}' is {record.value} at epoch {record.epochs}"
-        elif state == "COMPLETE" and record.value is None:
-            state = "FAILED"
-            error = (f"the trainer never reported '{self.metric}' (it reported: "
-                     f"{', '.join(sorted(record.metrics)) or 'nothing'})")
+        for name in [m.name for m in self.objectives] if state in ("COMPLETE", "STOPPED") else []:
+            value = record.metrics.get(name)
+            if value is not None and not math.isfinite(value):
+                state, error = "FAILED", f"'{name}' is {value} at epoch {record.epochs}"
+                break
+            if value is None and state == "COMPLETE":
+                state = "FAILED"
+                error = (f"the trainer never reported '{name}' (it reported: "
+                         f"{', '.join(sorted(record.metrics)) or 'nothing'})")
+                break
         if state == "STOPPED" and record.error:  # stopped by the sweep's time budget, not by early stopping
             state, error = "KILLED", record.error
         record.state, record.error = state, error
-        if state == "COMPLETE":
+        if state == "COMPLETE" and self.multi:
+            record.values = [record.metrics[m.name] for m in self.objectives]
+            study.tell(trial, record.values)
+        elif state == "COMPLETE":
             study.tell(trial, record.value)
         elif state == "STOPPED":
             study.tell(trial, state=TrialState.PRUNED)
@@ -479,6 +502,8 @@ class _SweepRun:
         for r in self.records.values():
             counts[r.state] = counts.get(r.state, 0) + 1
         tags = {f"automl.trials.{k.lower()}": str(v) for k, v in counts.items()}
+        if self.multi:
+            self._mark_pareto_front(tags)
         best = self.best
         if best is not None and best.value is not None:
             params = dict(best.params)
@@ -504,6 +529,19 @@ class _SweepRun:
         self.state.extra.update(best_model_uri=self.model_uri)
         self.state.save(self.folder.parent)
 
+    def _mark_pareto_front(self, tags: dict[str, str]) -> None:
+        """Several metrics: record which trials are Pareto-optimal (Optuna's ``best_trials``)."""
+        front = sorted(t.number for t in self.study.best_trials)
+        self.pareto_front = front
+        for number in front:
+            self.records[number].pareto = True
+        tags["automl.pareto_front"] = ",".join(map(str, front))
+        lines = ["trial," + ",".join(m.name for m in self.objectives) + ",run_id"]
+        for number in front:
+            r = self.records[number]
+            lines.append(",".join([str(number), *(repr(v) for v in r.values or []), r.run_id or ""]))
+        self.tracker.client.log_text(self.tracker.parent_run_id, "\n".join(lines) + "\n", "pareto_front.csv")
+
     def _result(self, wall: float) -> SweepResult:
         best = None
         b = self.best
@@ -515,7 +553,8 @@ class _SweepRun:
             trials=[self.records[k] for k in sorted(self.records)], best=best,
             experiment_id=self.tracker.experiment_id, parent_run_id=self.tracker.parent_run_id,
             tracking_uri=self.sweep.tracking_uri, sampler=self.sampler_name, wall_seconds=wall,
-            state_dir=self.folder,
+            state_dir=self.folder, objectives=[(m.name, m.goal or "maximize") for m in self.objectives],
+            pareto_front=getattr(self, "pareto_front", []),
         )
 
 

@@ -12,9 +12,22 @@ if TYPE_CHECKING:
     from automl.space import SearchSpace
 
 
-def sampler_name(method: str, space: SearchSpace) -> str:
+# `bayesian` picks Optuna's GP sampler for small, all-numeric, single-objective spaces with a modest budget,
+# where a Gaussian process models the response best; TPE everywhere else (categoricals, `when`, many
+# parameters, many trials, several objectives), where it is both better suited and far cheaper per trial.
+GP_MAX_PARAMS = 8
+GP_MAX_TRIALS = 100
+MULTI_OBJECTIVE_METHODS = ("grid", "random", "bayesian", "tpe", "qmc", "nsga2")
+
+
+def sampler_name(method: str, space: SearchSpace, *, objectives: int = 1, trials: int | None = None) -> str:
     """The Optuna sampler class a method resolves to (``bayesian`` picks one for the space)."""
     if method == "bayesian":
+        small_numeric = (
+            not space.has_categorical and not space.is_conditional and len(space.all_names()) <= GP_MAX_PARAMS
+        )
+        if objectives == 1 and small_numeric and (trials or 0) <= GP_MAX_TRIALS:
+            return "GPSampler"
         return "TPESampler"
     return {
         "grid": "GridSampler",
@@ -27,7 +40,7 @@ def sampler_name(method: str, space: SearchSpace) -> str:
     }[method]
 
 
-def check_method(method: str, space: SearchSpace) -> None:
+def check_method(method: str, space: SearchSpace, *, objectives: int = 1) -> None:
     """Refuse, before anything runs, a space that the method cannot honour (it would silently drop it)."""
     if method == "grid":
         space.grid_size()
@@ -35,13 +48,21 @@ def check_method(method: str, space: SearchSpace) -> None:
         raise FieldError("method", "cmaes cannot search categorical parameters; use bayesian or tpe")
     if method in ("cmaes", "qmc", "gp") and space.is_conditional:
         raise FieldError("method", f"{method} cannot search conditional (when:) parameters; use bayesian or tpe")
+    if objectives > 1 and method not in MULTI_OBJECTIVE_METHODS:
+        raise FieldError(
+            "method",
+            f"{method} optimises a single metric; with {objectives} metrics use one of "
+            f"{', '.join(MULTI_OBJECTIVE_METHODS)}",
+        )
 
 
-def make_sampler(method: str, space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    method: str, space: SearchSpace, seed: int, *, objectives: int = 1, trials: int | None = None
+) -> optuna.samplers.BaseSampler:
     import optuna
 
-    check_method(method, space)
-    name = sampler_name(method, space)
+    check_method(method, space, objectives=objectives)
+    name = sampler_name(method, space, objectives=objectives, trials=trials)
     if name == "GridSampler":
         if space.is_conditional:
             # GridSampler needs a fixed set of names; the brute-force sampler walks define-by-run trees.

@@ -15,7 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -244,7 +246,10 @@ class Spec(_Model):
     name: str = "sweep"
     trainer: str = Field(min_length=1)
     data: DataSpec | None = None
-    metric: MetricSpec
+    metric: Annotated[
+        Annotated[MetricSpec, Tag("one")] | Annotated[list[MetricSpec], Tag("many")],
+        Discriminator(lambda v: "many" if isinstance(v, list) else "one"),
+    ]
     method: Literal["grid", "random", "bayesian", "tpe", "gp", "cmaes", "qmc", "nsga2"] = "bayesian"
     budget: BudgetSpec = BudgetSpec()
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
@@ -271,8 +276,26 @@ class Spec(_Model):
             raise FieldError("fixed", f"'{clash[0]}' is both fixed and searched; keep it in one place")
         from automl.samplers import check_method
 
-        check_method(self.method, space)  # a method that cannot honour the space is refused now
+        objectives = self.objectives
+        if not objectives:
+            raise FieldError("metric", "needs at least one {name, goal}")
+        names = [m.name for m in objectives]
+        if len(set(names)) != len(names):
+            raise FieldError("metric", f"names a metric twice ({names})")
+        check_method(self.method, space, objectives=len(objectives))  # refused now, not mid-sweep
+        if len(objectives) > 1 and self.early_stopping.method != "none":
+            raise FieldError("early_stopping", "needs a single metric to compare trials by; use early_stopping: none "
+                             "with several metrics")
         return self
+
+    @property
+    def objectives(self) -> list[MetricSpec]:
+        """The metrics to optimise, the first one also ranking the leaderboard and choosing the best model."""
+        return list(self.metric) if isinstance(self.metric, list) else [self.metric]
+
+    @property
+    def metric_name(self) -> str:
+        return self.objectives[0].name
 
     @property
     def experiment_name(self) -> str:
@@ -280,7 +303,7 @@ class Spec(_Model):
 
     @property
     def direction(self) -> str:
-        return self.metric.goal or "maximize"  # always filled by MetricSpec's validator
+        return self.objectives[0].goal or "maximize"  # always filled by MetricSpec's validator
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -311,21 +334,61 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec
     return spec_from_dict(raw, source=source, overrides=overrides)
 
 
+MAX_YAML_NODES = 100_000  # after expanding aliases: a "billion laughs" alias bomb is refused, not expanded
+MAX_YAML_DEPTH = 64
+
+
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
-    """Safe-load YAML (no tags that build Python objects) into a mapping."""
+    """Safe-load YAML (no tags that build Python objects) into a mapping; refuse alias bombs and deep nesting."""
     import yaml
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # safe loaders only: no !!python tags
     try:
+        node = yaml.compose(text, Loader=loader)
+        if node is not None:
+            _check_yaml_size(node)
         data = yaml.load(text, Loader=loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{where}invalid YAML: {problem}", source=source) from None
+    except RecursionError:
+        raise SpecError(f"nesting deeper than {MAX_YAML_DEPTH} levels; a spec is a few levels deep",
+                        source=source) from None
+    except _YamlTooLarge as exc:
+        raise SpecError(str(exc), source=source) from None
     if not isinstance(data, dict):
         raise SpecError("must be a YAML mapping of fields (name, trainer, metric, parameters, ...)", source=source)
     return data
+
+
+class _YamlTooLarge(Exception):
+    pass
+
+
+def _check_yaml_size(root: Any) -> None:
+    """Count the nodes the document would have once aliases are expanded (memoised: linear time)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise _YamlTooLarge(f"nesting deeper than {MAX_YAML_DEPTH} levels; a spec is a few levels deep")
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        total = 1
+        if isinstance(node.value, list):
+            for item in node.value:
+                for child in item if isinstance(item, tuple) else (item,):
+                    total += size(child, depth + 1)
+                    if total > MAX_YAML_NODES:
+                        raise _YamlTooLarge(
+                            f"more than {MAX_YAML_NODES} values once aliases are expanded (an alias bomb?)")
+        sizes[key] = total
+        return total
+
+    size(root, 0)
 
 
 def spec_from_dict(
@@ -378,6 +441,8 @@ def _clean_loc(loc: tuple[Any, ...]) -> list[str]:
         if expect_tag and text in _TAGS:
             expect_tag = False
             continue
+        if i >= 1 and str(loc[i - 1]) == "metric" and text in ("one", "many"):
+            continue  # the tag of metric's union: one {name, goal} or a list of them
         out.append(text)
         # A parameter name follows "parameters" or a when-branch (when.<choice>.<name>).
         parent = str(loc[i - 1]) if i >= 1 else ""

@@ -36,3 +36,9 @@ class LogisticFitter:
         proba = model.predict_proba(data.X_val)
         report(1, data.evaluate(proba.argmax(axis=1), proba=proba))
         return model
+
+
+def two_scores(params: dict[str, Any], data: Any, report: Any) -> None:
+    """Two conflicting objectives over x in [0, 1]: accuracy-like x, cost-like x squared."""
+    x = float(params["x"])
+    report(1, {"gain": x, "cost": x * x + 0.1 * float(params.get("y", 0.0))})
