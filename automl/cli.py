@@ -165,6 +165,29 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+@app.command()
+@_friendly
+def resume(
+    sweep: Annotated[str, typer.Argument(help="Sweep id, or the name of its latest unfinished sweep.")],
+    tracking_uri: TrackingOpt = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, "
+                                                     "else a local Ray).")] = None,
+) -> None:
+    """Finish an interrupted sweep: completed trials are kept, none is run twice."""
+    from automl.orchestrator import Sweep
+    from automl.state import find_unfinished
+
+    state = find_unfinished(sweep)
+    console.print(f"resuming [bold]{state.sweep_id}[/bold]", highlight=False)
+    total = int(state.spec.get("budget", {}).get("trials") or 0)
+    metric = state.spec["metric"]
+    first = metric[0] if isinstance(metric, list) else metric
+    with _Progress(total, first["name"], first.get("goal") or "maximize") as progress:
+        result = Sweep.resume(state.sweep_id, tracking_uri=tracking_uri, address=address,
+                              on_event=progress.on_event)
+    _print_result(result)
+
+
 # --------------------------------------------------------------------------------------------- validate / schema
 
 

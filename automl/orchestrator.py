@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from automl.backend import RayBackend, Report, TrialEnd
     from automl.data import PreparedData
+    from automl.state import SweepState
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,28 @@ class Sweep:
         """Run the sweep to the end of its budget; returns the leaderboard and the best trial."""
         return _SweepRun(self, on_event).run()
 
+    @classmethod
+    def resume(
+        cls,
+        sweep: str,
+        *,
+        workdir: Path | None = None,
+        tracking_uri: str | None = None,
+        address: str | None = None,
+        on_event: EventCallback | None = None,
+    ) -> SweepResult:
+        """Finish an interrupted sweep (by id, or the latest unfinished one of that name).
+
+        Completed trials are kept and never run again; trials the interruption cut short run again from
+        the start; the sweep ends when its whole budget is spent, in the same MLflow parent run.
+        """
+        from automl.state import find_unfinished
+
+        state = find_unfinished(sweep, workdir)
+        plan = cls(spec_from_dict(state.spec), base_dir=Path(state.base_dir), workdir=workdir,
+                   tracking_uri=tracking_uri or state.tracking_uri, address=address)
+        return _SweepRun(plan, on_event, resume=state).run()
+
 
 def connect_ray(address: str | None) -> None:
     """Join ``address`` (a running cluster) or start a local Ray; reuse a Ray this process already joined."""
@@ -182,6 +205,28 @@ def connect_ray(address: str | None) -> None:
             ray.init(**kwargs)
     except ConnectionError as exc:
         raise AutoMLError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+
+
+def _on_sigterm_raise_interrupt() -> Any:
+    """SIGTERM (a scheduler, `kill`) stops a sweep as Ctrl-C does: running trials KILLED, sweep resumable."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    import signal
+    import threading
+
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -202,8 +247,9 @@ def _now_id() -> str:
 class _SweepRun:
     """The state of one execution of a sweep (kept out of ``Sweep`` so that ``Sweep`` stays a plan)."""
 
-    def __init__(self, sweep: Sweep, on_event: EventCallback | None) -> None:
+    def __init__(self, sweep: Sweep, on_event: EventCallback | None, resume: SweepState | None = None) -> None:
         self.sweep = sweep
+        self.resuming = resume
         self.spec = sweep.spec
         self.on_event = on_event or (lambda kind, record: None)
         self.metric = self.spec.metric_name
@@ -213,7 +259,7 @@ class _SweepRun:
         self.records: dict[int, TrialRecord] = {}
         self.optuna_trials: dict[int, optuna.trial.Trial] = {}
         self.best: TrialRecord | None = None
-        self.sweep_id = f"{self.spec.name}-{_now_id()}"
+        self.sweep_id = resume.sweep_id if resume else f"{self.spec.name}-{_now_id()}"
 
     # The order below is deliberate. Everything that can fail on bad input (data, the trainer's import)
     # fails before anything is written (state folder, Optuna journal, MLflow). Slow start-up steps overlap:
@@ -228,7 +274,10 @@ class _SweepRun:
         spec = self.spec
         self.planned = self.sweep.planned_trials()
         shape = {"objectives": len(self.objectives), "trials": self.planned}
-        sampler = make_sampler(spec.method, self.sweep.space, spec.seed, **shape)
+        # Resuming, the sampler's random stream continues past the trials already drawn instead of
+        # proposing the sweep's first configurations again.
+        seed = spec.seed + (self._journal_trials() if self.resuming else 0)
+        sampler = make_sampler(spec.method, self.sweep.space, seed, **shape)
         self.sampler_name = sampler_name(spec.method, self.sweep.space, **shape)
         pruner = make_pruner(spec.early_stopping, spec.fixed)
         self.tracker = SweepTracker(self.sweep.tracking_uri)
@@ -253,6 +302,7 @@ class _SweepRun:
             if backend is not None:
                 backend.shutdown()
             raise
+        previous = _on_sigterm_raise_interrupt()
         try:
             status = "FINISHED"
             try:
@@ -267,7 +317,55 @@ class _SweepRun:
                 self._finish(status, prepared)
         finally:
             backend.shutdown()
+            _restore_sigterm(previous)
         return self._result(time.perf_counter() - started)
+
+    def _journal_trials(self) -> int:
+        from automl.state import SweepState, journal_path, state_root
+
+        folder = SweepState.folder(state_root(self.sweep.workdir), self.sweep_id)
+        path = journal_path(folder)
+        if not path.exists():
+            return 0
+        with open(path, "rb") as f:
+            return sum(1 for line in f if b'"op_code":4' in line)  # CREATE_TRIAL entries
+
+    def _restore(self, study: optuna.Study, folder: Path) -> None:
+        """Rebuild the records of an interrupted sweep from its Optuna journal.
+
+        Finished trials become records again (kept, never re-run). A trial the driver's death left RUNNING
+        is marked FAIL and its configuration queued to run again; a trial queued that way and not yet
+        started (WAITING) simply runs next.
+        """
+        from optuna.trial import TrialState
+
+        from automl.state import best_bundle_path
+
+        storage = study._storage
+        for t in study.get_trials(deepcopy=False):
+            info = t.user_attrs.get("automl", {})
+            if t.state == TrialState.RUNNING:
+                storage.set_trial_user_attr(t._trial_id, "automl", {"state": "KILLED", "interrupted": True,
+                                                                    "error": "the sweep's driver was killed"})
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                study.enqueue_trial(t.params, skip_if_exists=False)
+                continue
+            if t.state == TrialState.WAITING or info.get("interrupted"):
+                continue
+            state = info.get("state") or {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "STOPPED"}.get(
+                t.state, "FAILED")
+            metrics = dict(info.get("metrics", {}))
+            record = TrialRecord(number=t.number, params=dict(t.params), state=state, metrics=metrics,
+                                 epochs=int(info.get("epochs", 0)), seconds=float(info.get("seconds", 0.0)),
+                                 error=info.get("error") or None)
+            record.value = metrics.get(self.metric)
+            if t.state == TrialState.COMPLETE and self.multi:
+                record.values = list(t.values)
+            self.records[t.number] = record
+            if state == "COMPLETE" and self._is_better(record):
+                self.best = record
+        if self.best is not None and not best_bundle_path(folder).is_dir():
+            log.warning("the best model of trial %s was not saved before the interruption", self.best.number)
 
     def _prepare_data(self) -> PreparedData | None:
         if self.spec.data is None:
@@ -299,6 +397,15 @@ class _SweepRun:
         from automl.state import SweepState, journal_path, reserve_sweep_id, state_root
 
         root = state_root(self.sweep.workdir)
+        if self.resuming is not None:
+            self.state = self.resuming
+            folder = SweepState.folder(root, self.sweep_id)
+            study = optuna.load_study(study_name=self.sweep_id, storage=open_storage(journal_path(folder)),
+                                      sampler=sampler, pruner=pruner)
+            self._restore(study, folder)
+            self.state.status = "RUNNING"
+            self.state.save(root)
+            return folder, study
         self.sweep_id = reserve_sweep_id(root, self.sweep_id)
         self.state = SweepState(
             sweep_id=self.sweep_id, name=self.spec.name,
@@ -332,7 +439,12 @@ class _SweepRun:
 
             spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
         self.tracker.open(experiment=spec.experiment_name, artifact_location=artifact_location,
-                          run_name=self.sweep_id, tags=tags, params=params, spec_text=spec_text)
+                          run_name=self.sweep_id, tags=tags, params=params, spec_text=spec_text,
+                          run_id=self.resuming.parent_run_id if self.resuming else None)
+        if self.resuming is not None:
+            old_runs = self.tracker.close_stale_trials()
+            for number, record in self.records.items():
+                record.run_id = old_runs.get(number)
         self.state.experiment_id = self.tracker.experiment_id
         self.state.parent_run_id = self.tracker.parent_run_id
         self.state.save(self.folder.parent)
@@ -421,6 +533,8 @@ class _SweepRun:
         if state == "STOPPED" and record.error:  # stopped by the sweep's time budget, not by early stopping
             state, error = "KILLED", record.error
         record.state, record.error = state, error
+        trial.set_user_attr("automl", {"state": state, "metrics": record.metrics, "epochs": record.epochs,
+                                       "seconds": round(event.seconds, 4), "error": (error or "")[:2000]})
         if state == "COMPLETE" and self.multi:
             record.values = [record.metrics[m.name] for m in self.objectives]
             study.tell(trial, record.values)
@@ -429,7 +543,6 @@ class _SweepRun:
         elif state == "STOPPED":
             study.tell(trial, state=TrialState.PRUNED)
         else:
-            trial.set_user_attr("error", (error or "")[:2000])
             study.tell(trial, state=TrialState.FAIL)
         tags = {"automl.state": state, "automl.epochs": str(record.epochs),
                 "automl.seconds": f"{event.seconds:.3f}"}
@@ -484,7 +597,10 @@ class _SweepRun:
             record.state, record.error = "KILLED", reason
             trial = self.optuna_trials.pop(number, None)
             if trial is not None:
+                # Cut short, not finished: a resume runs this configuration again from the start.
+                trial.set_user_attr("automl", {"state": "KILLED", "interrupted": True, "error": reason})
                 study.tell(trial, state=TrialState.FAIL)
+                study.enqueue_trial(record.params, skip_if_exists=False)
             self.tracker.trial_finished(number, "KILLED", {"automl.state": "KILLED", "automl.error": reason})
 
     # ------------------------------------------------------------------------------------------ the end

@@ -66,6 +66,34 @@ def reserve_sweep_id(root: Path, base: str) -> str:
             n += 1
 
 
+def find_unfinished(sweep: str, workdir: Path | None = None) -> SweepState:
+    """The sweep with that id, or the latest not-finished sweep with that name."""
+    from automl.errors import AutoMLError, SweepNotFoundError
+
+    root = state_root(workdir)
+    exact = root / sweep / "sweep.json"
+    if exact.is_file():
+        state = SweepState.load(exact.parent)
+    else:
+        candidates = []
+        for file in root.glob("*/sweep.json") if root.is_dir() else []:
+            try:
+                found = SweepState.load(file.parent)
+            except (OSError, ValueError, TypeError):
+                continue
+            if found.name == sweep and found.status != "FINISHED":
+                candidates.append(found)
+        if not candidates:
+            raise SweepNotFoundError(
+                f"no unfinished sweep named '{sweep}' in {root}; `automl status` lists the sweeps")
+        state = max(candidates, key=lambda st: st.created)
+    if state.status == "FINISHED":
+        raise AutoMLError(f"sweep {state.sweep_id} already finished; there is nothing to resume")
+    if state.parent_run_id is None:
+        raise AutoMLError(f"sweep {state.sweep_id} stopped before it started; run it again instead")
+    return state
+
+
 def journal_path(folder: Path) -> Path:
     return folder / "study.journal"
 

@@ -183,6 +183,22 @@ class SweepTracker:
         self.experiment_id, self.parent_run_id = experiment_id, run_id
         self._send(["open", 0, [experiment_id, run_id]])
 
+    def close_stale_trials(self) -> dict[int, str]:
+        """Resuming: child runs a killed driver left RUNNING become KILLED; returns trial number -> run id."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+            max_results=50_000, order_by=["attributes.start_time ASC"],
+        )
+        by_trial: dict[int, str] = {}
+        for run in runs:
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                self.client.set_tag(run.info.run_id, TAG_STATE, "KILLED")
+            trial = run.data.tags.get(TAG_TRIAL)
+            if trial is not None and trial.isdigit():
+                by_trial[int(trial)] = run.info.run_id
+        return by_trial
+
     def finish(
         self,
         status: str,
