@@ -47,6 +47,7 @@ class TrialEnd:
     traceback: str | None = None
     model: PackedModel | None = None
     model_note: str | None = None
+    worker_died: bool = False  # the Ray worker process died under the trial (it may be retried)
 
 
 Event = Report | TrialEnd
@@ -132,6 +133,7 @@ class TrialRunner:
 
         thread = threading.Thread(target=target, name=f"trial-{number}", daemon=True)
         thread.start()
+        yield []  # "started": the trial's clock (budget.trial_time) starts now, not when it was queued
         while True:
             # Whatever the trainer reported since the last item travels as one list: one Ray object, not many.
             batch = [events.get()]
@@ -155,7 +157,7 @@ class _Slot:
     number: int | None = None
     stream: Any = None
     pending_stop: bool = False
-    started: float = 0.0
+    started: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -224,7 +226,7 @@ class RayBackend:
     def launch(self, number: int, params: dict[str, Any], seed: int) -> None:
         slot = next(s for s in self._slots if s.number is None)
         slot.number = number
-        slot.started = time.monotonic()
+        slot.started = None  # set when the worker actually starts the trial (its first, empty, item)
         slot.stream = slot.actor.run.options(num_returns="streaming").remote(
             number, params, self._data_ref, seed
         )
@@ -263,6 +265,9 @@ class RayBackend:
         except self._ray.exceptions.RayError:
             batches = [self._get_one(slot, ref) for slot, ref in refs]
         for (slot, _), batch in zip(refs, batches, strict=True):
+            if not batch:
+                slot.started = time.monotonic()
+                continue
             events.extend(batch)
             if isinstance(batch[-1], TrialEnd):
                 del self._by_stream[slot.stream]
@@ -280,10 +285,14 @@ class RayBackend:
             return batch
         except (self._ray.exceptions.RayActorError, self._ray.exceptions.WorkerCrashedError) as exc:
             slot.actor = self._new_actor()
-            return [TrialEnd(number, FAILED, time.monotonic() - slot.started,
+            return [TrialEnd(number, FAILED, self._elapsed(slot), worker_died=True,
                              error=f"the Ray worker running the trial died: {_first_line(exc)}")]
         except self._ray.exceptions.RayError as exc:
-            return [TrialEnd(number, FAILED, time.monotonic() - slot.started, error=_first_line(exc))]
+            return [TrialEnd(number, FAILED, self._elapsed(slot), error=_first_line(exc))]
+
+    @staticmethod
+    def _elapsed(slot: _Slot) -> float:
+        return time.monotonic() - slot.started if slot.started is not None else 0.0
 
     def shutdown(self) -> None:
         for s in self._slots:

@@ -51,6 +51,8 @@ class TrialRecord:
     run_id: str | None = None
     values: list[float] | None = None  # one per metric when the spec optimises several
     pareto: bool = False  # on the Pareto front (several metrics only)
+    attempts: int = 1  # more than one when its Ray worker died and the trial was retried
+    stop_reason: str | None = None  # why the sweep stopped it: budget.time, budget.trial_time, failures
 
 
 @dataclass
@@ -61,6 +63,14 @@ class BestTrial:
     value: float
     run_id: str | None
     model_uri: str | None
+
+
+class SweepFailed(AutoMLError):
+    """The sweep stopped because too many trials failed (``budget.max_failures``); ``result`` holds it."""
+
+    def __init__(self, message: str, result: SweepResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -199,10 +209,9 @@ def connect_ray(address: str | None) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                               "log_to_driver": False, "configure_logging": True}
     try:
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(**kwargs)
+        # No address: a Ray of our own. (Ray's own default would join any Ray already running on this
+        # machine, such as another user's sweep; the embedded default is a local Ray for this sweep.)
+        ray.init(address=address or "local", **kwargs)
     except ConnectionError as exc:
         raise AutoMLError(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
@@ -259,6 +268,7 @@ class _SweepRun:
         self.records: dict[int, TrialRecord] = {}
         self.optuna_trials: dict[int, optuna.trial.Trial] = {}
         self.best: TrialRecord | None = None
+        self.failure_stop: str | None = None  # set when budget.max_failures ends the sweep
         self.sweep_id = resume.sweep_id if resume else f"{self.spec.name}-{_now_id()}"
 
     # The order below is deliberate. Everything that can fail on bad input (data, the trainer's import)
@@ -290,7 +300,7 @@ class _SweepRun:
                 connect_ray(self.sweep.address)
                 prepared = data_future.result()
                 trainer_future.result()
-            backend = self._start_backend(prepared)
+            backend = self._backend = self._start_backend(prepared)
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -314,11 +324,14 @@ class _SweepRun:
                 self._cancel(study, backend, "cancelled by the user" if status == "KILLED" else _first_line(exc))
                 raise
             finally:
-                self._finish(status, prepared)
+                self._finish("FAILED" if self.failure_stop and status == "FINISHED" else status, prepared)
         finally:
             backend.shutdown()
             _restore_sigterm(previous)
-        return self._result(time.perf_counter() - started)
+        result = self._result(time.perf_counter() - started)
+        if self.failure_stop:
+            raise SweepFailed(self.failure_stop, result)
+        return result
 
     def _journal_trials(self) -> int:
         from automl.state import SweepState, journal_path, state_root
@@ -454,7 +467,8 @@ class _SweepRun:
     def _launch(self, study: optuna.Study, backend: RayBackend) -> list[int]:
         """Fill free slots while budget is left; returns the numbers of the trials launched."""
         launched: list[int] = []
-        while backend.free_slots() and len(self.records) < self.planned and not self._out_of_time():
+        while (backend.free_slots() and len(self.records) < self.planned and not self._out_of_time()
+               and not self.failure_stop):
             trial = study.ask()
             params = self.sweep.space.suggest(trial)
             number = trial.number
@@ -480,6 +494,7 @@ class _SweepRun:
         from automl.backend import TrialEnd
 
         timed_out = False
+        trial_time = self.spec.budget.trial_time
         while True:
             self._launch(study, backend)
             if not backend.running():
@@ -487,13 +502,33 @@ class _SweepRun:
             if self._out_of_time() and not timed_out:
                 timed_out = True
                 for number in backend.running():
-                    self.records[number].error = "budget.time reached"
-                    backend.stop(number)
-            for event in backend.poll(timeout=0.5 if self.deadline else None):
+                    self._stop(backend, number, "budget.time reached")
+            if trial_time is not None:
+                self._enforce_trial_time(backend, trial_time)
+            wake = 0.5 if (self.deadline or trial_time) else None
+            for event in backend.poll(timeout=wake):
                 if isinstance(event, TrialEnd):
                     self._on_end(study, event, prepared)
                 else:
                     self._on_report(backend, event)
+
+    def _stop(self, backend: RayBackend, number: int, reason: str) -> None:
+        self.records[number].stop_reason = reason
+        backend.stop(number)
+
+    def _enforce_trial_time(self, backend: RayBackend, limit: float) -> None:
+        """Past ``budget.trial_time`` a trial is asked to stop (at its next report); if it has not stopped
+        a grace period later (a trainer that never reports), its worker is killed."""
+        grace = max(2.0, 0.1 * limit)
+        now = time.monotonic()
+        for number in backend.running():
+            started = backend.started_at(number)
+            if started is None:
+                continue
+            if now - started > limit + grace:
+                backend.kill(number)
+            elif now - started > limit and self.records[number].stop_reason is None:
+                self._stop(backend, number, f"ran past budget.trial_time ({limit:g}s)")
 
     def _on_report(self, backend: RayBackend, event: Report) -> None:
         record = self.records[event.number]
@@ -517,9 +552,22 @@ class _SweepRun:
 
         record = self.records[event.number]
         record.seconds = event.seconds
+        if event.worker_died and record.stop_reason is None and record.attempts <= self.spec.resources.retries:
+            # The worker died under the trial (killed, out of memory, a node lost): run it again, same number.
+            record.attempts += 1
+            record.metrics, record.value, record.epochs = {}, None, 0
+            self._backend.launch(event.number, {**record.params, **self.spec.fixed},
+                                 seed=self.spec.seed + event.number)
+            return
         trial = self.optuna_trials.pop(event.number)
         state = event.state
         error = event.error
+        if record.stop_reason is not None and state in ("STOPPED", "FAILED"):
+            # Stopped by the sweep, not by early stopping: the time budget (KILLED) or the trial's own
+            # time limit (FAILED).
+            state = "FAILED" if "trial_time" in record.stop_reason else "KILLED"
+
+            error = record.stop_reason
         for name in [m.name for m in self.objectives] if state in ("COMPLETE", "STOPPED") else []:
             value = record.metrics.get(name)
             if value is not None and not math.isfinite(value):
@@ -530,11 +578,12 @@ class _SweepRun:
                 error = (f"the trainer never reported '{name}' (it reported: "
                          f"{', '.join(sorted(record.metrics)) or 'nothing'})")
                 break
-        if state == "STOPPED" and record.error:  # stopped by the sweep's time budget, not by early stopping
-            state, error = "KILLED", record.error
         record.state, record.error = state, error
+        if state == "FAILED":
+            self._count_failure(record)
         trial.set_user_attr("automl", {"state": state, "metrics": record.metrics, "epochs": record.epochs,
-                                       "seconds": round(event.seconds, 4), "error": (error or "")[:2000]})
+                                       "seconds": round(event.seconds, 4), "error": (error or "")[:2000],
+                                       "attempts": record.attempts, "interrupted": state == "KILLED"})
         if state == "COMPLETE" and self.multi:
             record.values = [record.metrics[m.name] for m in self.objectives]
             study.tell(trial, record.values)
@@ -545,7 +594,7 @@ class _SweepRun:
         else:
             study.tell(trial, state=TrialState.FAIL)
         tags = {"automl.state": state, "automl.epochs": str(record.epochs),
-                "automl.seconds": f"{event.seconds:.3f}"}
+                "automl.seconds": f"{event.seconds:.3f}", "automl.attempts": str(record.attempts)}
         if state == "STOPPED":
             tags["automl.early_stopped"] = "true"
         artifacts: list[tuple[str, str]] = []
@@ -562,6 +611,17 @@ class _SweepRun:
                 self._save_best(record, event, prepared)
         self.tracker.trial_finished(event.number, state, tags, artifacts)
         self.on_event("finished", record)
+
+    def _count_failure(self, record: TrialRecord) -> None:
+        limit = self.spec.budget.max_failures
+        failed = sum(1 for r in self.records.values() if r.state == "FAILED")
+        if limit is not None and failed >= limit and not self.failure_stop:
+            self.failure_stop = (
+                f"sweep {self.sweep_id} stopped: {failed} trials failed (budget.max_failures: {limit}); "
+                f"last error: {(record.error or '').splitlines()[0][:300] if record.error else 'unknown'}"
+            )
+            for number in self._backend.running():
+                self._stop(self._backend, number, "budget.max_failures reached")
 
     def _is_better(self, record: TrialRecord) -> bool:
         if record.value is None:

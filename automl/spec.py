@@ -201,6 +201,7 @@ class BudgetSpec(_Model):
     max_concurrent: int | None = Field(default=None, ge=1)
     time: float | None = None
     trial_time: float | None = None
+    max_failures: int | None = Field(default=None, ge=1)
 
     @field_validator("time", "trial_time", mode="before")
     @classmethod
@@ -224,6 +225,7 @@ class EarlyStoppingSpec(_Model):
 class ResourcesSpec(_Model):
     cpu: float = Field(default=1.0, gt=0)
     gpu: float = Field(default=0.0, ge=0)
+    retries: int = Field(default=1, ge=0)  # runs of a trial whose Ray worker died under it
 
     @model_validator(mode="after")
     def _check(self) -> ResourcesSpec:

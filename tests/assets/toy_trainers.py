@@ -42,3 +42,24 @@ def two_scores(params: dict[str, Any], data: Any, report: Any) -> None:
     """Two conflicting objectives over x in [0, 1]: accuracy-like x, cost-like x squared."""
     x = float(params["x"])
     report(1, {"gain": x, "cost": x * x + 0.1 * float(params.get("y", 0.0))})
+
+
+def dies_once(params: dict[str, Any], data: Any, report: Any) -> None:
+    """Kills its own Ray worker process (SIGKILL, by PID) the first time it sees a marker-less trial."""
+    import os
+    import signal
+    from pathlib import Path
+
+    marker = Path(str(params["marker_dir"])) / f"trial-{float(params['x']):.6f}"
+    report(1, {"score": float(params["x"])})
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    report(2, {"score": float(params["x"])})
+
+
+def never_reports(params: dict[str, Any], data: Any, report: Any) -> None:
+    """Hangs without reporting when x > 0.5 (a trainer stuck in a loop); quick otherwise."""
+    if float(params["x"]) > 0.5:
+        time.sleep(60)
+    report(1, {"score": float(params["x"])})
