@@ -48,6 +48,9 @@ class TrialEnd:
     model: PackedModel | None = None
     model_note: str | None = None
     worker_died: bool = False  # the Ray worker process died under the trial (it may be retried)
+    node: str | None = None  # the Ray node that ran it
+    gpus: list[str] | None = None  # the GPU ids Ray assigned (fractional GPUs share an id)
+    device_note: str | None = None  # set when a GPU was assigned but the trial fell back to the CPU
 
 
 Event = Report | TrialEnd
@@ -91,6 +94,18 @@ class TrialRunner:
     def ready(self) -> int:
         return os.getpid()
 
+    @staticmethod
+    def _where() -> tuple[str | None, list[str] | None, str | None]:
+        import ray
+
+        from automl import trainer
+
+        try:
+            ctx = ray.get_runtime_context()
+            return ctx.get_node_id(), [str(g) for g in ray.get_gpu_ids()], trainer.DEVICE_NOTE
+        except Exception:
+            return None, None, trainer.DEVICE_NOTE
+
     def stop(self, number: int) -> None:
         self._stop.add(number)
 
@@ -129,6 +144,7 @@ class TrialRunner:
                     number, FAILED, time.perf_counter() - start,
                     error=f"{type(exc).__name__}: {exc}"[:2000], traceback=traceback.format_exc(),
                 )
+            end.node, end.gpus, end.device_note = self._where()
             events.put(end)
 
         thread = threading.Thread(target=target, name=f"trial-{number}", daemon=True)

@@ -52,6 +52,8 @@ class TrialRecord:
     values: list[float] | None = None  # one per metric when the spec optimises several
     pareto: bool = False  # on the Pareto front (several metrics only)
     attempts: int = 1  # more than one when its Ray worker died and the trial was retried
+    node: str | None = None  # the Ray node that ran it
+    gpus: list[str] | None = None  # the GPU ids Ray assigned to it
     stop_reason: str | None = None  # why the sweep stopped it: budget.time, budget.trial_time, failures
 
 
@@ -604,6 +606,16 @@ class _SweepRun:
                 artifacts.append(("traceback.txt", event.traceback))
         if event.model_note:
             tags["automl.model_note"] = event.model_note
+        if event.node:
+            tags["automl.node"] = event.node
+        if event.gpus:
+            tags["automl.gpus"] = ",".join(event.gpus)
+        if event.device_note:
+            tags["automl.device"] = event.device_note
+            if not getattr(self, "_warned_device", False):
+                self._warned_device = True
+                log.warning("trial %s: %s", event.number, event.device_note)
+        record.node, record.gpus = event.node, event.gpus
         if state == "COMPLETE" and self._is_better(record):
             self.best = record
             tags["automl.best_so_far"] = "true"

@@ -38,6 +38,7 @@ __all__ = [
     "StopTrial",
     "Trainer",
     "TrainerRef",
+    "device",
     "evaluate",
     "resolve_trainer",
 ]
@@ -117,6 +118,51 @@ class Trainer(ABC):
     def warmup(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Optional: called once per worker before its first trial (import libraries, initialise kernels),
         so that one-off start-up costs overlap the sweep's own start-up instead of the first trials."""
+
+
+# --------------------------------------------------------------------------------------------- devices
+
+
+def device() -> Any:
+    """The torch device a trial should train on: the GPU Ray assigned to it, else the CPU.
+
+    When the spec asked for a GPU (``resources.gpu``) but CUDA is not available where the trial runs, this
+    warns and falls back to the CPU, so that the same spec runs on a laptop and on a GPU cluster.
+    """
+    import warnings
+
+    import torch
+
+    gpus: list[Any] = []
+    try:
+        import ray
+
+        if ray.is_initialized():
+            gpus = list(ray.get_gpu_ids())
+    except Exception:  # outside a Ray worker: no assignment to honour
+        gpus = []
+    if torch.cuda.is_available() and (gpus or not _in_ray_worker()):
+        return torch.device("cuda")
+    if gpus:
+        warnings.warn(
+            f"resources.gpu: Ray assigned GPU {gpus} but CUDA is not available here; training on the CPU",
+            RuntimeWarning, stacklevel=2,
+        )
+        global DEVICE_NOTE
+        DEVICE_NOTE = f"cpu (GPU {gpus} assigned, CUDA unavailable)"
+    return torch.device("cpu")
+
+
+DEVICE_NOTE: str | None = None  # read by the runner: recorded on the trial's MLflow run
+
+
+def _in_ray_worker() -> bool:
+    try:
+        import ray
+
+        return bool(ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE)
+    except Exception:
+        return False
 
 
 # --------------------------------------------------------------------------------------------- registry

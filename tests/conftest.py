@@ -23,7 +23,9 @@ def ray_session() -> Iterator[None]:
 
     if not ray.is_initialized():
         # address="local": never join another Ray that happens to run on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+        # num_gpus=1 declares one GPU to Ray's scheduler (there is none on a CPU machine): the scheduling of
+        # fractional GPUs is tested for real, and trainers fall back to the CPU as they must without CUDA.
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False)
     yield
     ray.shutdown()

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from automl.trainer import Dataset, Report, SavableModel, Trainer
+from automl.trainer import Dataset, Report, SavableModel, Trainer, device
 
 DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
@@ -95,6 +95,7 @@ class MLPTrainer(Trainer):
         if data is None:
             raise ValueError("mlp: needs data (add a data: section to the spec)")
         p = _check(params)
+        dev = device()  # the GPU Ray assigned, else the CPU (with a warning if a GPU was asked for)
         classification = data.task == "classification"
         # Copies: arrays from Ray's object store are read-only, and torch must not write into them.
         X = torch.tensor(data.X_train)
@@ -116,7 +117,8 @@ class MLPTrainer(Trainer):
 
         config = {"n_in": data.n_features, "n_out": n_out, "depth": int(p["depth"]), "width": int(p["width"]),
                   "activation": p["activation"], "dropout": float(p["dropout"])}
-        net = build_network(**config)
+        net = build_network(**config).to(dev)
+        X, Xv, y, yv = X.to(dev), Xv.to(dev), y.to(dev), yv.to(dev)
         opt = _optimizer(p["optimizer"], net.parameters(), p)
         batch = int(p["batch_size"])
         n = len(X)
@@ -124,6 +126,7 @@ class MLPTrainer(Trainer):
             net.train()
             order = torch.randperm(n)
             total = 0.0
+            order = order.to(dev)
             for start in range(0, n, batch):
                 idx = order[start:start + batch]
                 opt.zero_grad(set_to_none=True)
@@ -135,6 +138,7 @@ class MLPTrainer(Trainer):
             with torch.no_grad():
                 out = net(Xv)
                 val_loss = float(loss_fn(out, yv))
+            out = out.cpu()
             if classification:
                 proba = torch.softmax(out, dim=1).numpy()
                 metrics = data.evaluate(proba.argmax(axis=1), proba=proba)
@@ -143,7 +147,7 @@ class MLPTrainer(Trainer):
             metrics["train_loss"] = total / n
             metrics["val_loss"] = val_loss
             report(epoch + 1, metrics)
-        return MLPModel(config, {k: v.detach().clone() for k, v in net.state_dict().items()},
+        return MLPModel(config, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
                         task=data.task, y_mean=y_mean, y_std=y_std)
 
 

@@ -63,3 +63,13 @@ def never_reports(params: dict[str, Any], data: Any, report: Any) -> None:
     if float(params["x"]) > 0.5:
         time.sleep(60)
     report(1, {"score": float(params["x"])})
+
+
+def gpu_probe(params: dict[str, Any], data: Any, report: Any) -> None:
+    """Asks automl for its device (the GPU Ray assigned, or the CPU fallback) and holds it for a while."""
+    from automl.trainer import device
+
+    start = time.time()
+    dev = device()
+    time.sleep(float(params.get("hold", 1.5)))
+    report(1, {"score": float(params["x"]), "start": start, "end": time.time(), "cuda": float(dev.type == "cuda")})
