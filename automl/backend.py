@@ -118,10 +118,10 @@ class TrialRunner:
         stop = self._stop
 
         def report(step: int, metrics: Any) -> None:
+            clean = {str(k): float(v) for k, v in dict(metrics).items()}
+            events.put(Report(number, int(step), clean))  # the epoch was trained: record it, stop or not
             if number in stop:
                 raise StopTrial
-            clean = {str(k): float(v) for k, v in dict(metrics).items()}
-            events.put(Report(number, int(step), clean))
 
         def target() -> None:
             self._limit_threads()

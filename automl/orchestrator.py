@@ -139,6 +139,7 @@ class Sweep:
         address: str | None = None,
         workdir: Path | None = None,
         spec_text: str | None = None,
+        storage: str | None = None,
     ) -> None:
         from automl.space import SearchSpace
         from automl.trainer import resolve_trainer
@@ -147,6 +148,9 @@ class Sweep:
         self.base_dir = (base_dir or Path.cwd()).resolve()
         self.workdir = (workdir or Path.cwd()).resolve()
         self.address = address or os.environ.get("RAY_ADDRESS") or None
+        # Where the search state (the Optuna study) lives: a journal file in the state folder by default, or
+        # a database (postgresql://...) for the scale-out profile.
+        self.storage = storage or os.environ.get("AUTOML_STORAGE") or None
         from automl.tracking import resolve_tracking_uri
 
         self.tracking_uri = resolve_tracking_uri(tracking_uri, self.workdir)
@@ -186,6 +190,7 @@ class Sweep:
         workdir: Path | None = None,
         tracking_uri: str | None = None,
         address: str | None = None,
+        storage: str | None = None,
         on_event: EventCallback | None = None,
     ) -> SweepResult:
         """Finish an interrupted sweep (by id, or the latest unfinished one of that name).
@@ -196,8 +201,13 @@ class Sweep:
         from automl.state import find_unfinished
 
         state = find_unfinished(sweep, workdir)
+        stored = state.extra.get("storage")
         plan = cls(spec_from_dict(state.spec), base_dir=Path(state.base_dir), workdir=workdir,
-                   tracking_uri=tracking_uri or state.tracking_uri, address=address)
+                   tracking_uri=tracking_uri or state.tracking_uri, address=address,
+                   storage=storage or os.environ.get("AUTOML_STORAGE") or stored)
+        if plan.storage and "***" in plan.storage:
+            raise AutoMLError("the sweep's search state is in a database with a password: pass it again with "
+                              "--storage or AUTOML_STORAGE")
         return _SweepRun(plan, on_event, resume=state).run()
 
 
@@ -216,6 +226,18 @@ def connect_ray(address: str | None) -> None:
         ray.init(address=address or "local", **kwargs)
     except ConnectionError as exc:
         raise AutoMLError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+
+
+def _without_password(url: str | None) -> str | None:
+    """A database URL fit to write into the state folder (its password masked)."""
+    if not url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
 
 
 def _on_sigterm_raise_interrupt() -> Any:
@@ -335,7 +357,21 @@ class _SweepRun:
             raise SweepFailed(self.failure_stop, result)
         return result
 
+    def _storage(self, folder: Path) -> Any:
+        from automl.journal import open_storage
+        from automl.state import journal_path
+
+        if self.sweep.storage:
+            import optuna
+
+            return optuna.storages.RDBStorage(self.sweep.storage)
+        return open_storage(journal_path(folder))
+
     def _journal_trials(self) -> int:
+        if self.sweep.storage:
+            import optuna
+
+            return len(optuna.load_study(study_name=self.sweep_id, storage=self.sweep.storage).trials)
         from automl.state import SweepState, journal_path, state_root
 
         folder = SweepState.folder(state_root(self.sweep.workdir), self.sweep_id)
@@ -408,14 +444,13 @@ class _SweepRun:
     def _create_study(self, sampler: Any, pruner: Any) -> tuple[Path, optuna.Study]:
         import optuna
 
-        from automl.journal import open_storage
-        from automl.state import SweepState, journal_path, reserve_sweep_id, state_root
+        from automl.state import SweepState, reserve_sweep_id, state_root
 
         root = state_root(self.sweep.workdir)
         if self.resuming is not None:
             self.state = self.resuming
             folder = SweepState.folder(root, self.sweep_id)
-            study = optuna.load_study(study_name=self.sweep_id, storage=open_storage(journal_path(folder)),
+            study = optuna.load_study(study_name=self.sweep_id, storage=self._storage(folder),
                                       sampler=sampler, pruner=pruner)
             self._restore(study, folder)
             self.state.status = "RUNNING"
@@ -426,10 +461,11 @@ class _SweepRun:
             sweep_id=self.sweep_id, name=self.spec.name,
             spec=self.spec.model_dump(mode="json"), base_dir=str(self.sweep.base_dir),
             tracking_uri=self.sweep.tracking_uri, created=time.time(),
+            extra={"storage": _without_password(self.sweep.storage)},
         )
         folder = self.state.save(root)
-        storage = open_storage(journal_path(folder))
-        study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=self.sweep_id,
+        study = optuna.create_study(storage=self._storage(folder), sampler=sampler, pruner=pruner,
+                                    study_name=self.sweep_id,
                                     directions=[m.goal or "maximize" for m in self.objectives])
         return folder, study
 
@@ -541,11 +577,11 @@ class _SweepRun:
             record.value = value
             if not math.isfinite(value):
                 backend.stop(event.number)  # diverged: no point in training on; recorded FAILED at its end
-            elif not self.multi:  # Optuna prunes single-objective studies only
+            elif not self.multi and record.stop_reason is None:  # Optuna prunes single-objective studies only
                 trial = self.optuna_trials[event.number]
                 trial.report(value, event.step)
                 if trial.should_prune():
-                    backend.stop(event.number)
+                    self._stop(backend, event.number, "early stopping")
         self.tracker.trial_reported(event.number, event.step, event.metrics)
         self.on_event("reported", record)
 
@@ -564,7 +600,7 @@ class _SweepRun:
         trial = self.optuna_trials.pop(event.number)
         state = event.state
         error = event.error
-        if record.stop_reason is not None and state in ("STOPPED", "FAILED"):
+        if record.stop_reason not in (None, "early stopping") and state in ("STOPPED", "FAILED"):
             # Stopped by the sweep, not by early stopping: the time budget (KILLED) or the trial's own
             # time limit (FAILED).
             state = "FAILED" if "trial_time" in record.stop_reason else "KILLED"

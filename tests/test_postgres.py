@@ -1,0 +1,134 @@
+"""The scale-out profile on real processes: PostgreSQL (initdb + pg_ctl in a temp dir, a free port), an
+`mlflow server` on it bound to 127.0.0.1, the search state in PostgreSQL, a sweep of 2 concurrent trials."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from automl import Sweep
+from automl.tracking import PARENT_TAG
+
+ASSETS = Path(__file__).parent / "assets"
+PG_BIN = next((Path(p) for p in ("/usr/lib/postgresql/15/bin", "/usr/local/bin") if (Path(p) / "initdb").exists()),
+              None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def as_postgres(*cmd: str) -> list[str]:
+    """PostgreSQL refuses to run as root: run its tools as the `postgres` user when we are root."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else list(cmd)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    if PG_BIN is None or (os.geteuid() == 0 and shutil.which("runuser") is None):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    # Not under pytest's tmp_path: that tree is private to root, and the server runs as `postgres`.
+    base = Path(tempfile.mkdtemp(prefix="automl-pg-"))
+    data = base / "data"
+    data.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        shutil.chown(data, "postgres")
+    port = free_port()
+    subprocess.run(as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-U", "automl", "--auth=trust", "-E", "UTF8"),
+                   check=True, capture_output=True)
+    subprocess.run(as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
+                               f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"),
+                   check=True, capture_output=True)
+    try:
+        for db in ("mlflow", "optuna"):
+            subprocess.run(as_postgres(str(PG_BIN / "createdb") if (PG_BIN / "createdb").exists() else "createdb",
+                                       "-h", "127.0.0.1", "-p", str(port), "-U", "automl", db),
+                           check=True, capture_output=True)
+        yield f"postgresql://automl@127.0.0.1:{port}"
+    finally:
+        subprocess.run(as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"),
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{postgres}/mlflow",
+         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_sweep_against_mlflow_server_and_postgres_search_state(
+    workdir: Path, postgres: str, mlflow_server: str
+) -> None:
+    spec = {
+        "name": "scale-out",
+        "trainer": "toy_trainers:LogisticFitter",
+        "data": {"source": "sklearn:iris"},
+        "metric": {"name": "val_accuracy"},
+        "method": "bayesian",
+        "budget": {"trials": 4, "max_concurrent": 2},
+        "parameters": {"C": {"type": "float", "low": 0.1, "high": 10, "log": True}},
+    }
+    storage = f"{postgres}/optuna"
+    result = Sweep.from_dict(spec, base_dir=ASSETS, workdir=workdir, tracking_uri=mlflow_server,
+                             storage=storage).run()
+    assert [t.state for t in result.trials] == ["COMPLETE"] * 4
+    assert not (workdir / "mlflow.db").exists()  # nothing went to the embedded store
+
+    study = optuna.load_study(study_name=result.sweep_id, storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert {t.number: t.params for t in study.trials} == {t.number: t.params for t in result.trials}
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`{PARENT_TAG}` = '{result.parent_run_id}'")
+    assert sorted(int(r.data.tags["automl.trial"]) for r in runs) == [0, 1, 2, 3]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # The best model went through the server to its artifact store and loads back over HTTP.
+    import mlflow.pyfunc
+    import sklearn.datasets
+
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(result.best.model_uri)
+    frame = sklearn.datasets.load_iris(as_frame=True).frame
+    assert (model.predict(frame.drop(columns="target")) == frame["target"].to_numpy()).mean() > 0.8
