@@ -38,6 +38,15 @@ TrackingOpt = Annotated[
     str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                              "else sqlite:///mlflow.db here).")
 ]
+# W&B sweeps, NNI search spaces and Katib Experiments (docs/imports.md) name no trainer and NNI no metric: these
+# options supply them, and on an automl spec they replace its fields. Paths resolve like paths in the spec file.
+TrainerOpt = Annotated[str | None, typer.Option(help="Trainer: a registered name (mlp) or module:function next to "
+                                                     "the file; required for W&B, NNI and Katib files.")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="Data source (sklearn:<name>, .csv, .parquet; "
+                                                            "relative to the file); sets data.source.")]
+TargetOpt = Annotated[str | None, typer.Option(help="Column to predict; sets data.target.")]
+MetricOpt = Annotated[str | None, typer.Option(help="Metric to optimise (goal from its name); required for NNI "
+                                                    "files.")]
 
 
 def _friendly(func: F) -> F:
@@ -69,17 +78,30 @@ def run(
     tracking_uri: TrackingOpt = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, "
                                                      "else a local Ray).")] = None,
+    trainer: TrainerOpt = None,
+    data_source: DataOpt = None,
+    target: TargetOpt = None,
+    metric: MetricOpt = None,
 ) -> None:
-    """Run a sweep: live progress, then the leaderboard and the best trial."""
+    """Run a sweep: live progress, then the leaderboard and the best trial. Also takes W&B, NNI and Katib files."""
+    from automl.importers import import_file, option_overrides
     from automl.orchestrator import Sweep
 
     overrides = {"budget.trials": trials, "budget.max_concurrent": max_concurrent, "method": method,
                  "seed": seed, "budget.time": time_budget}
-    sweep = Sweep.from_yaml(spec, overrides=overrides, tracking_uri=tracking_uri, address=address)
+    imported = import_file(spec, trainer=trainer, data=data_source, target=target, metric=metric)
+    if imported.format == "automl":
+        overrides.update(option_overrides(trainer=trainer, data=data_source, target=target, metric=metric))
+        sweep = Sweep.from_yaml(spec, overrides=overrides, tracking_uri=tracking_uri, address=address)
+    else:
+        sweep = Sweep(imported.to_spec(overrides), base_dir=spec.resolve().parent, spec_text=imported.to_yaml(),
+                      tracking_uri=tracking_uri, address=address)
     total = sweep.planned_trials()
     console.print(f"[bold]{sweep.spec.name}[/bold]: {total} trials of [cyan]{sweep.spec.trainer}[/cyan], "
                   f"method {sweep.spec.method}, optimising {sweep.spec.metric_name} ({sweep.spec.direction})",
                   highlight=False)
+    for note in imported.notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
     with _Progress(total, sweep.spec.metric_name, sweep.spec.direction) as progress:
         result = sweep.run(on_event=progress.on_event)
     _print_result(result)
@@ -196,16 +218,25 @@ def resume(
 def validate(
     spec: Annotated[Path, typer.Argument(help="The spec file (YAML).")],
     sample: Annotated[int, typer.Option(help="Print N example configurations.", min=0)] = 0,
+    trainer: TrainerOpt = None,
+    data_source: DataOpt = None,
+    target: TargetOpt = None,
+    metric: MetricOpt = None,
 ) -> None:
-    """Check a spec; print it resolved with its defaults, its grid size and example configurations."""
+    """Check a spec (or a W&B, NNI or Katib file); print it resolved, its grid size and example configurations."""
     import yaml
 
+    from automl.importers import import_file, option_overrides
     from automl.orchestrator import DEFAULT_TRIALS
     from automl.space import SearchSpace
     from automl.spec import FieldError, load_spec
     from automl.trainer import resolve_trainer
 
-    resolved = load_spec(spec)
+    imported = import_file(spec, trainer=trainer, data=data_source, target=target, metric=metric)
+    if imported.format == "automl":
+        resolved = load_spec(spec, option_overrides(trainer=trainer, data=data_source, target=target, metric=metric))
+    else:
+        resolved = imported.to_spec()
     resolve_trainer(resolved.trainer, spec.resolve().parent)
     space = SearchSpace(resolved.parameters)
     data = resolved.model_dump(mode="json")
@@ -227,7 +258,27 @@ def validate(
             trial = study.ask()
             print("- " + str({**space.suggest(trial), **resolved.fixed}))
             study.tell(trial, 0.0)
-    print(f"ok: {spec}", file=sys.stderr)
+    for note in imported.notes:
+        print(f"# note: {note}")
+    print(f"ok: {spec}" + (f" ({imported.format})" if imported.format != "automl" else ""), file=sys.stderr)
+
+
+@app.command("import")
+@_friendly
+def import_(
+    file: Annotated[Path, typer.Argument(help="A W&B sweep (YAML), an NNI search space (JSON) or a Katib "
+                                              "Experiment (YAML).")],
+    trainer: TrainerOpt = None,
+    data_source: DataOpt = None,
+    target: TargetOpt = None,
+    metric: MetricOpt = None,
+) -> None:
+    """Print the automl spec equivalent to a W&B sweep, an NNI search space or a Katib Experiment."""
+    from automl.importers import import_file
+
+    imported = import_file(file, trainer=trainer, data=data_source, target=target, metric=metric)
+    imported.to_spec()  # refuse now what `automl validate` would refuse once the output is saved
+    print(imported.to_yaml().rstrip())
 
 
 @app.command()
