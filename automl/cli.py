@@ -34,6 +34,10 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 F = TypeVar("F", bound="Callable[..., Any]")
 
+StorageOpt = Annotated[
+    str | None, typer.Option("--storage", help="Database for the search state, e.g. postgresql://user@host/db "
+                             "(default: $AUTOML_STORAGE, else a journal file in .automl/).")
+]
 TrackingOpt = Annotated[
     str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                              "else sqlite:///mlflow.db here).")
@@ -82,6 +86,7 @@ def run(
     data_source: DataOpt = None,
     target: TargetOpt = None,
     metric: MetricOpt = None,
+    storage: StorageOpt = None,
 ) -> None:
     """Run a sweep: live progress, then the leaderboard and the best trial. Also takes W&B, NNI and Katib files."""
     from automl.importers import import_file, option_overrides
@@ -92,14 +97,18 @@ def run(
     imported = import_file(spec, trainer=trainer, data=data_source, target=target, metric=metric)
     if imported.format == "automl":
         overrides.update(option_overrides(trainer=trainer, data=data_source, target=target, metric=metric))
-        sweep = Sweep.from_yaml(spec, overrides=overrides, tracking_uri=tracking_uri, address=address)
+        sweep = Sweep.from_yaml(spec, overrides=overrides, tracking_uri=tracking_uri, address=address,
+                                storage=storage)
     else:
         sweep = Sweep(imported.to_spec(overrides), base_dir=spec.resolve().parent, spec_text=imported.to_yaml(),
-                      tracking_uri=tracking_uri, address=address)
+                      tracking_uri=tracking_uri, address=address, storage=storage)
     total = sweep.planned_trials()
+    from automl.samplers import sampler_name
+
+    picked = sampler_name(sweep.spec.method, sweep.space, objectives=len(sweep.spec.objectives), trials=total)
     console.print(f"[bold]{sweep.spec.name}[/bold]: {total} trials of [cyan]{sweep.spec.trainer}[/cyan], "
-                  f"method {sweep.spec.method}, optimising {sweep.spec.metric_name} ({sweep.spec.direction})",
-                  highlight=False)
+                  f"method {sweep.spec.method} (Optuna {picked}), optimising {sweep.spec.metric_name} "
+                  f"({sweep.spec.direction})", highlight=False)
     for note in imported.notes:
         console.print(f"note: {note}", highlight=False, markup=False)
     with _Progress(total, sweep.spec.metric_name, sweep.spec.direction) as progress:
@@ -194,6 +203,7 @@ def resume(
     tracking_uri: TrackingOpt = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, "
                                                      "else a local Ray).")] = None,
+    storage: StorageOpt = None,
 ) -> None:
     """Finish an interrupted sweep: completed trials are kept, none is run twice."""
     from automl.orchestrator import Sweep
@@ -205,7 +215,7 @@ def resume(
     metric = state.spec["metric"]
     first = metric[0] if isinstance(metric, list) else metric
     with _Progress(total, first["name"], first.get("goal") or "maximize") as progress:
-        result = Sweep.resume(state.sweep_id, tracking_uri=tracking_uri, address=address,
+        result = Sweep.resume(state.sweep_id, tracking_uri=tracking_uri, address=address, storage=storage,
                               on_event=progress.on_event)
     _print_result(result)
 
