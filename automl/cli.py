@@ -187,7 +187,8 @@ def _print_result(result: SweepResult) -> None:
     console.print(f"  run id:    {best.run_id}   (sweep run {result.parent_run_id})", highlight=False)
     console.print(f"  model URI: {best.model_uri}", highlight=False)
     console.print(f"  export:    automl export {result.name} --format mlflow --out best/", highlight=False)
-    console.print(f"  MLflow:    {result.tracking_uri}  (browse it with `automl ui`)", highlight=False)
+    browse = "browse it with `automl ui`" if result.tracking_uri.startswith("sqlite:") else "open it in a browser"
+    console.print(f"  MLflow:    {result.tracking_uri}  ({browse})", highlight=False)
 
 
 def _cell(value: Any) -> str:

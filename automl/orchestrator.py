@@ -94,27 +94,7 @@ class SweepResult:
 
     def leaderboard(self, top: int | None = None) -> pd.DataFrame:
         """Trials sorted best first (finished trials first, then stopped, then failed)."""
-        import pandas as pd
-
-        rows = []
-        multi = len(self.objectives) > 1
-        for t in self.trials:
-            row: dict[str, Any] = {"trial": t.number, "state": t.state}
-            if multi:
-                for i, (name, _) in enumerate(self.objectives):
-                    row[name] = t.values[i] if t.values else t.metrics.get(name)
-                row["pareto"] = t.pareto
-            else:
-                row[self.metric] = t.value
-            rows.append({**row, "epochs": t.epochs, "seconds": round(t.seconds, 2), **t.params, "run_id": t.run_id})
-        frame = pd.DataFrame(rows)
-        if frame.empty:
-            return frame
-        order = {"COMPLETE": 0, "STOPPED": 1, "KILLED": 2, "FAILED": 3, "RUNNING": 4}
-        frame["_rank"] = frame["state"].map(order)
-        frame = frame.sort_values(["_rank", self.metric], ascending=[True, self.goal == "minimize"],
-                                  na_position="last").drop(columns="_rank")
-        return frame.head(top) if top else frame.reset_index(drop=True)
+        return leaderboard(self.trials, self.metric, self.goal, self.objectives, top=top)
 
     def export(self, out: str | Path, format: str = "mlflow") -> Path:
         from automl.export import export_model
@@ -122,6 +102,32 @@ class SweepResult:
         if self.best is None or self.best.model_uri is None:
             raise AutoMLError(f"sweep {self.sweep_id} has no exportable best model")
         return export_model(self.best.model_uri, Path(out), format=format, tracking_uri=self.tracking_uri)
+
+
+def leaderboard(trials: list[TrialRecord], metric: str, goal: str, objectives: list[tuple[str, str]],
+                top: int | None = None) -> pd.DataFrame:
+    """A sweep's trials as a pandas frame, best first: finished, then stopped, killed, failed."""
+    import pandas as pd
+
+    rows = []
+    multi = len(objectives) > 1
+    for t in trials:
+        row: dict[str, Any] = {"trial": t.number, "state": t.state}
+        if multi:
+            for i, (name, _) in enumerate(objectives):
+                row[name] = t.values[i] if t.values else t.metrics.get(name)
+            row["pareto"] = t.pareto
+        else:
+            row[metric] = t.value
+        rows.append({**row, "epochs": t.epochs, "seconds": round(t.seconds, 2), **t.params, "run_id": t.run_id})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    order = {"COMPLETE": 0, "STOPPED": 1, "KILLED": 2, "FAILED": 3, "RUNNING": 4}
+    frame["_rank"] = frame["state"].map(order)
+    frame = frame.sort_values(["_rank", metric], ascending=[True, goal == "minimize"],
+                              na_position="last").drop(columns="_rank")
+    return frame.head(top) if top else frame.reset_index(drop=True)
 
 
 EventCallback = Callable[[str, TrialRecord], None]
@@ -748,10 +754,18 @@ class _SweepRun:
                     register_champion(self.tracker.client, self.spec.tracking.register_as, self.model_uri,
                                       run_id=self.tracker.parent_run_id, metric=self.metric, goal=self.goal,
                                       value=best.value)
+        self._log_summary()
         self.tracker.finish(status, params=params, metrics=metrics, tags=tags)
         self.state.status = status
         self.state.extra.update(best_model_uri=self.model_uri)
         self.state.save(self.folder.parent)
+
+    def _log_summary(self) -> None:
+        from automl.summary import log_summary
+
+        objectives: list[tuple[str, str]] = [(m.name, str(m.goal or "maximize")) for m in self.objectives]
+        board = leaderboard([self.records[k] for k in sorted(self.records)], self.metric, self.goal, objectives)
+        log_summary(self.tracker.client, self.tracker.parent_run_id, self.study, board, objectives)
 
     def _mark_pareto_front(self, tags: dict[str, str]) -> None:
         """Several metrics: record which trials are Pareto-optimal (Optuna's ``best_trials``)."""

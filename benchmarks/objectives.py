@@ -15,6 +15,12 @@ backward pass and optimizer step cost about 1 s of lazy initialisation; a runner
 per trial pays it in every trial, which is overhead, not compute). Every report carries the compute so far as
 ``compute_s``; automl's trainer signature is ``fn(params, data, report)``, which ``trivial`` and
 ``digits_mlp`` follow (the spec names them ``objectives:trivial`` and ``objectives:digits_mlp``).
+
+A digits report also carries two wall-clock timestamps (``time.time()``, seconds since the epoch, one clock for
+every process on the machine): ``t_start``, taken when the training starts (after the warm-up, where the
+compute timer starts), and ``t_end``, taken as the report is entered; the last report's ``t_end`` is the end
+of the training. Each runner hands back the last report's metrics (automl: ``TrialRecord.metrics``; Ray Tune:
+``Result.metrics``; plain Optuna: the trial's user attributes), so ``overhead.py`` sees every trial's span.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 TRIVIAL_METRIC = "loss"  # minimised
 DIGITS_METRIC = "val_accuracy"  # maximised
+T_START, T_END = "t_start", "t_end"  # wall-clock span of a digits trial's training, in every report
 DIGITS_EPOCHS = 10
 SEED = 0
 
@@ -104,6 +111,7 @@ def _warm_up(data: Any) -> None:
 def train_digits(params: Mapping[str, Any], data: Any, report: ReportFn) -> float:
     """Train the MLP (``params["epochs"]``, default ``DIGITS_EPOCHS``) on one thread; report after each epoch.
 
+    Every report adds ``compute_s`` (so far), ``t_start`` and ``t_end`` (wall clock, see the module docstring).
     Returns the seconds of compute (training and validation, not the time inside ``report``).
     """
     import torch
@@ -113,12 +121,14 @@ def train_digits(params: Mapping[str, Any], data: Any, report: ReportFn) -> floa
     torch.set_num_threads(1)
     _warm_up(data)
     in_report = 0.0
+    wall_start = time.time()
     start = time.perf_counter()
 
     def timed_report(step: int, metrics: Mapping[str, float]) -> None:
         nonlocal in_report
         entered = time.perf_counter()
-        report(step, {**metrics, "compute_s": entered - start - in_report})
+        wall_now = time.time()
+        report(step, {**metrics, "compute_s": entered - start - in_report, T_START: wall_start, T_END: wall_now})
         in_report += time.perf_counter() - entered
 
     MLPTrainer().fit({"epochs": DIGITS_EPOCHS, **params}, data, timed_report)
@@ -148,6 +158,8 @@ def optuna_digits(trial: Any, data: Any) -> float:
 
     seconds = train_digits(optuna_digits_params(trial), data, report)
     trial.set_user_attr("compute_s", seconds)
+    trial.set_user_attr(T_START, last[T_START])
+    trial.set_user_attr(T_END, last[T_END])
     return last[DIGITS_METRIC]
 
 

@@ -4,7 +4,11 @@
 
 Each runner runs the same two sweeps (``objectives.py`` holds the shared objectives), 2 trials at a time:
 
-1. trivial: ``loss = x**2`` over one float, one report per trial, ``--trivial-trials`` trials (200), TPE.
+1. trivial: ``loss = x**2`` over one float, one report per trial, TPE; run twice, with N1 = ``--trivial-trials``
+   trials (200) and then with N2 = 2 * N1 (400), for the marginal figure (see the definitions). Ray Tune with
+   default settings is the exception: its marginal figure comes from N1 = 20 and N2 = 40 trials whatever
+   ``--trivial-trials`` says (it needs 1 to 2 s per trial), while its end-to-end figure still runs
+   ``--trivial-trials`` trials (a sweep of a size already run is reused, not run again).
 2. digits: a small torch MLP on scikit-learn's digits, 10 epochs with one report each, about 0.4 s of
    compute on one thread per trial, ``--digits-trials`` trials (20), TPE.
 
@@ -21,28 +25,58 @@ The runners:
   Optuna journal and state folder written as in any sweep. Trainers ``objectives:trivial`` and
   ``objectives:digits_mlp``; the row "automl (trainer: mlp)" runs the built-in ``mlp`` trainer instead
   (``fixed: {epochs: 10}``): the same training, but its in-trial compute is automl's own
-  ``TrialRecord.seconds``, which in each actor's first trial also counts what the trainer initialises
-  lazily (when this was written: importing ``scipy.stats`` in ``automl.metrics.roc_auc``, 1.5 to 2 s).
+  ``TrialRecord.seconds`` (the time inside the trainer, its ``report`` calls included), and as the built-in
+  trainer records no timestamps of its own, its trial spans are the driver's: each trial's MLflow run
+  start and end times (milliseconds, taken when automl launches the trial and when it has processed its end),
+  which bracket the training, so its steady-state figure is a slight underestimate (marked ``*``).
 
 Definitions:
 
 - wall: ``time.perf_counter`` around everything a runner does for one sweep (creating the study / Tuner /
   Sweep, starting and stopping its workers, every trial, logging, picking the best). Excluded, as one-time
-  costs of the process: ``ray.init(num_cpus=2, include_dashboard=False)`` (called once, shared by Ray Tune and
-  automl), importing the libraries, and creating the empty MLflow SQLite store (its schema migrations; the
-  time is in the JSON as ``store_init_s``).
-- per-trial overhead (trivial): wall / trials, in ms. The trial's compute is nil, so this is all overhead.
+  costs of the process: ``ray.init(address="local", num_cpus=2, include_dashboard=False)`` (called once,
+  shared by Ray Tune and automl; "local": a Ray of its own, even when another ``ray start`` runs on the
+  machine, which a bare ``ray.init`` would join, or fail to join with ``num_cpus``), importing the libraries
+  (``ray.tune``, its ``OptunaSearch`` and the modules an automl sweep imports included, imported before the
+  first sweep; see ``PREIMPORTS``),
+  and creating the empty MLflow SQLite store (its schema migrations; the time is in the JSON as
+  ``store_init_s``).
+- end-to-end per-trial overhead (trivial, column ``trivial: ms/trial``): wall(N1) / N1, in ms. The trial's
+  compute is nil, so this is all overhead: the sweep's one-time start-up and tear-down (worker processes, the
+  MLflow run store's experiment, automl's writer subprocess and its final flush) spread over N1 trials, plus
+  the cost of each trial.
+- marginal per-trial overhead (trivial, column ``trivial: marginal ms/trial``): (wall(N2) - wall(N1)) /
+  (N2 - N1), in ms: the cost of one more trial, free of what every sweep pays once whatever its size (both
+  sweeps pay it, so it cancels), while what a writer or a store does per trial, at the end included (the
+  final flush of the trials' logs), stays in the slope. For each runner the N1 sweep runs first and the N2
+  sweep right after it. A difference of two wall times, it is noisier than either; the JSON has both walls
+  (``trivial_marginal``). A sampler's own cost per trial grows with the trials before it (TPE's slowly), so
+  the slope is that of trials N1 to N2 (200 to 400), for every runner alike. automl's ``bayesian`` is TPE at
+  those sizes but picks GP for this one-float space up to 100 trials, so with ``--trivial-trials`` of 100 or
+  less one or both sweeps run GP, whose cost per trial grows much faster: small runs are smoke tests only.
 - in-trial compute: measured inside each objective with ``time.perf_counter``; it excludes the time inside
   the runner's ``report`` callback and a one-time torch warm-up per worker process (see ``objectives.py``).
 - parallel efficiency (digits): (sum of in-trial compute / concurrency) / wall. 1.0 means both cores trained
   all the time; what is missing is orchestration (and, on a busy machine, other processes).
+- steady-state efficiency (digits): (sum of in-trial compute / concurrency) / (last trial's end - first
+  trial's start), from the wall-clock timestamps (``time.time()``) each objective takes around its training
+  (``t_start``, ``t_end``: see ``objectives.py``). It leaves out the one-time start-up before the first trial
+  (worker processes starting and importing torch, the warm-up) and the tear-down after the last, so what it
+  misses is the per-trial orchestration cost. The JSON has, per runner, ``startup_s`` = first start - the
+  moment the runner's sweep call began and ``teardown_s`` = the moment the call returned - last end, where the
+  sweep call is ``study.optimize`` (optuna), ``Tuner.fit`` (Ray Tune) and ``Sweep.from_dict(...).run()``
+  (automl); ``call_s`` is the call's duration (wall also counts the few lines around it).
 - best val_accuracy: the best trial's last reported ``val_accuracy``; trials are not seeded alike across
   runners (Optuna's parallel trials race for its sampler), so it only checks that each runner trained.
 
-DESIGN.md section 7 gives the budgets: automl at most 15 ms per trivial trial and an efficiency of at least
-0.90 on the digits sweep. Timings on a shared 2-core machine are noisy; compare runners within one run.
-Ray Tune with default settings needs 1 to 1.5 s per trial, so the full run takes about 7 minutes on 2 cores;
-``--quick`` runs that one sweep on fewer trivial trials (the table says how many) and takes about 3.
+DESIGN.md section 7 gives the budgets: automl at most 15 ms of orchestration overhead per trivial trial and an
+efficiency of at least 0.90 on the digits sweep. The paragraph after the table computes, from this run's
+figures, automl's overhead against the 15 ms twice, each labelled: the marginal figure (the cost of one more
+trial) and the end-to-end figure (start-up and tear-down included), and its efficiency against the 0.90; the
+JSON holds the same under ``budgets``. Timings on a shared 2-core machine are noisy; compare runners within
+one run. Ray Tune with default settings needs 1 to 1.5 s per trial on a quiet machine (more on a busy one), so
+the full run takes about 8 minutes on 2 cores; ``--quick`` runs its end-to-end trivial sweep on at most 40 trials
+(the table says how many; a sweep of 40 doubles as its marginal N2) and takes about 4.
 Ray Tune's default runner ends each trial's worker with SIGTERM, and Ray forwards the workers' resulting
 "SystemExit: 1" tracebacks to this terminal: they are noise, not failures (a failed sweep shows in the table).
 """
@@ -74,11 +108,13 @@ import objectives  # noqa: E402 - resolved against this folder, as automl resolv
 
 CONCURRENCY = 2
 QUICK_TUNE_DEFAULT_TRIVIAL_TRIALS = 40
+# Ray Tune with default settings (1 to 2 s per trial): its marginal figure's sweep sizes, whatever --trivial-trials.
+TUNE_DEFAULT_MARGINAL_TRIALS = (20, 40)
 
 
 @dataclass
 class Measurement:
-    """One runner on one workload."""
+    """One runner on one workload. Times named ``t_*`` and ``call_*`` are wall clock (``time.time()``)."""
 
     runner: str
     workload: str  # trivial | digits
@@ -89,6 +125,11 @@ class Measurement:
     concurrency: int = CONCURRENCY
     best: float | None = None
     error: str | None = None
+    call_began: float | None = None  # the runner's sweep call
+    call_returned: float | None = None
+    t_first_start: float | None = None  # earliest trial start (digits)
+    t_last_end: float | None = None  # latest trial end (digits)
+    span_source: str | None = None  # "objective" (its own timestamps) or "driver" (MLflow run times)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -102,12 +143,99 @@ class Measurement:
         return (self.compute_s / self.concurrency) / self.wall_s
 
     @property
+    def span_s(self) -> float | None:
+        """First trial start to last trial end."""
+        if self.t_first_start is None or self.t_last_end is None:
+            return None
+        return self.t_last_end - self.t_first_start
+
+    @property
+    def steady_efficiency(self) -> float | None:
+        span = self.span_s
+        if self.error or not span or span <= 0:
+            return None
+        return (self.compute_s / self.concurrency) / span
+
+    @property
+    def startup_s(self) -> float | None:
+        if self.call_began is None or self.t_first_start is None:
+            return None
+        return self.t_first_start - self.call_began
+
+    @property
+    def teardown_s(self) -> float | None:
+        if self.call_returned is None or self.t_last_end is None:
+            return None
+        return self.call_returned - self.t_last_end
+
+    @property
+    def call_s(self) -> float | None:
+        if self.call_began is None or self.call_returned is None:
+            return None
+        return self.call_returned - self.call_began
+
+    @property
     def mean_compute_s(self) -> float | None:
         return self.compute_s / self.completed if self.completed else None
 
+    def set_spans(self, spans: list[tuple[float, float]], source: str = "objective") -> None:
+        """Each finished trial's (start, end), wall clock."""
+        if spans:
+            self.t_first_start = min(start for start, _ in spans)
+            self.t_last_end = max(end for _, end in spans)
+            self.span_source = source
+
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "ms_per_trial": self.ms_per_trial, "efficiency": self.efficiency,
-                "mean_compute_s": self.mean_compute_s}
+                "steady_efficiency": self.steady_efficiency, "span_s": self.span_s, "startup_s": self.startup_s,
+                "teardown_s": self.teardown_s, "call_s": self.call_s, "mean_compute_s": self.mean_compute_s}
+
+
+@dataclass
+class Marginal:
+    """One runner's trivial sweeps of N1 and N2 trials: the cost of one more trial is the slope between them."""
+
+    n1: Measurement
+    n2: Measurement
+
+    @property
+    def error(self) -> str | None:
+        return self.n1.error or self.n2.error
+
+    @property
+    def ms_per_trial(self) -> float | None:
+        """(wall(N2) - wall(N1)) / (N2 - N1), in ms."""
+        if self.error or self.n2.trials == self.n1.trials:
+            return None
+        return 1000.0 * (self.n2.wall_s - self.n1.wall_s) / (self.n2.trials - self.n1.trials)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"runner": self.n1.runner, "n1": self.n1.trials, "n2": self.n2.trials, "wall_n1_s": self.n1.wall_s,
+                "wall_n2_s": self.n2.wall_s, "marginal_ms_per_trial": self.ms_per_trial, "error": self.error}
+
+
+@dataclass
+class Row:
+    """One line of the table: a runner's trivial sweeps (end-to-end and marginal) and its digits sweep."""
+
+    name: str
+    trivial: Measurement | None = None  # the end-to-end figure's sweep
+    marginal: Marginal | None = None
+    digits: Measurement | None = None
+
+    def measurements(self) -> list[Measurement]:
+        """Every sweep this row ran, once each (the end-to-end sweep may also be one of the marginal pair)."""
+        found: list[Measurement] = []
+        for m in (self.trivial, *((self.marginal.n1, self.marginal.n2) if self.marginal else ()), self.digits):
+            if m is not None and all(m is not other for other in found):
+                found.append(m)
+        return found
+
+    def as_json(self) -> dict[str, Any]:
+        return {"row": self.name,
+                "end_to_end_trials": self.trivial.trials if self.trivial else None,
+                "end_to_end_ms_per_trial": self.trivial.ms_per_trial if self.trivial else None,
+                **(self.marginal.as_json() if self.marginal else {"marginal_ms_per_trial": None})}
 
 
 @contextlib.contextmanager
@@ -135,6 +263,16 @@ def measure(runner: str, workload: str, trials: int, body: Callable[[Measurement
     return m
 
 
+def measure_trivial(runner: str, n_end_to_end: int, n1: int, n2: int,
+                    body: Callable[[Measurement], None]) -> tuple[Measurement, Marginal]:
+    """The end-to-end sweep first, then the marginal pair's (N1 before N2); a size already run is reused."""
+    runs: dict[int, Measurement] = {}
+    for n in (n_end_to_end, n1, n2):
+        if n not in runs:
+            runs[n] = measure(runner, "trivial", n, body)
+    return runs[n_end_to_end], Marginal(runs[n1], runs[n2])
+
+
 # --------------------------------------------------------------------------------------------- optuna
 
 
@@ -144,7 +282,9 @@ def optuna_trivial(m: Measurement) -> None:
     start = time.perf_counter()
     sampler = optuna.samplers.TPESampler(seed=objectives.SEED)
     study = optuna.create_study(sampler=sampler, direction="minimize")
+    m.call_began = time.time()
     study.optimize(objectives.optuna_trivial, n_trials=m.trials, n_jobs=CONCURRENCY)
+    m.call_returned = time.time()
     m.wall_s = time.perf_counter() - start
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     m.completed = len(done)
@@ -159,11 +299,14 @@ def optuna_digits(m: Measurement) -> None:
     data = objectives.digits_data()
     sampler = optuna.samplers.TPESampler(seed=objectives.SEED)
     study = optuna.create_study(sampler=sampler, direction="maximize")
+    m.call_began = time.time()
     study.optimize(lambda trial: objectives.optuna_digits(trial, data), n_trials=m.trials, n_jobs=CONCURRENCY)
+    m.call_returned = time.time()
     m.wall_s = time.perf_counter() - start
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     m.completed = len(done)
     m.compute_s = sum(t.user_attrs["compute_s"] for t in done)
+    m.set_spans([(t.user_attrs[objectives.T_START], t.user_attrs[objectives.T_END]) for t in done])
     m.best = study.best_value
 
 
@@ -200,12 +343,16 @@ def tune_sweep(m: Measurement, *, reuse_actors: bool) -> None:
             ),
             run_config=tune.RunConfig(name=f"overhead-{m.workload}", storage_path=str(storage), verbose=0),
         )
+        m.call_began = time.time()
         results = tuner.fit()
+        m.call_returned = time.time()
         best = results.get_best_result(metric=metric, mode=mode)
         m.wall_s = time.perf_counter() - start
     finished = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
     m.completed = len(finished)
     m.compute_s = sum(float(r.metrics.get("compute_s", 0.0)) for r in finished)
+    if m.workload == "digits":
+        m.set_spans([(float(r.metrics[objectives.T_START]), float(r.metrics[objectives.T_END])) for r in finished])
     m.best = float(best.metrics[metric]) if best.metrics else None
     m.extra["num_errors"] = results.num_errors
 
@@ -215,9 +362,11 @@ def tune_sweep(m: Measurement, *, reuse_actors: bool) -> None:
 
 def automl_spec(workload: str, trials: int, trainer: str | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        # One name per sweep here: automl's sweep id is the name plus a timestamp in whole seconds.
+        # automl makes sweep ids unique (name-timestamp, then -2, -3...); distinct names only read better in MLflow.
         "name": f"overhead-{workload}" + (f"-{trainer.replace(':', '.')}" if trainer else ""),
-        "method": "bayesian",
+        # TPE, as DESIGN §7 says and as the other runners use (`bayesian` would pick GP for the trivial one-float
+        # space below 100 trials).
+        "method": "tpe",
         "budget": {"trials": trials, "max_concurrent": CONCURRENCY},
         "seed": objectives.SEED,
     }
@@ -237,14 +386,20 @@ def automl_sweep(m: Measurement, *, workdir: Path, trainer: str | None = None) -
 
     spec = automl_spec(m.workload, m.trials, trainer)
     start = time.perf_counter()
+    m.call_began = time.time()
     result = Sweep.from_dict(spec, base_dir=HERE, workdir=workdir).run()
+    m.call_returned = time.time()
     m.wall_s = time.perf_counter() - start
     done = [t for t in result.trials if t.state == "COMPLETE"]
     m.completed = len(done)
     if trainer is None:
         m.compute_s = sum(t.metrics.get("compute_s", 0.0) for t in done)
+        if m.workload == "digits":  # the last report's metrics: the objective's own timestamps
+            m.set_spans([(t.metrics[objectives.T_START], t.metrics[objectives.T_END]) for t in done])
     else:  # a trainer that does not report compute_s: automl's own measure of the time in the trainer
         m.compute_s = sum(t.seconds for t in done)
+        if m.workload == "digits":
+            m.set_spans(driver_spans(result.tracking_uri, [t.run_id for t in done]), source="driver")
     m.best = result.best.value if result.best else None
     m.extra.update(
         sweep_wall_seconds=result.wall_seconds,
@@ -252,6 +407,20 @@ def automl_sweep(m: Measurement, *, workdir: Path, trainer: str | None = None) -
         states={s: sum(1 for t in result.trials if t.state == s) for s in {t.state for t in result.trials}},
         errors=sorted({t.error for t in result.trials if t.error})[:3],
     )
+
+
+def driver_spans(tracking_uri: str, run_ids: list[str | None]) -> list[tuple[float, float]]:
+    """Trials' MLflow run start and end times (automl's driver sets them at launch and after the trial's end)."""
+    from automl.tracking import make_client
+
+    client = make_client(tracking_uri)
+    spans = []
+    for run_id in run_ids:
+        info = client.get_run(run_id).info if run_id else None
+        if info is None or info.start_time is None or info.end_time is None:
+            return []  # one trial without its span: no figure rather than a wrong one
+        spans.append((info.start_time / 1000.0, info.end_time / 1000.0))
+    return spans
 
 
 def init_store(workdir: Path) -> float:
@@ -270,14 +439,18 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def table(rows: list[tuple[str, Measurement | None, Measurement | None]], default_trivial: int,
-          default_digits: int) -> str:
+MARGINAL_MARK = "†"  # a marginal figure from other sweep sizes than N1 and 2 * N1
+
+
+def table(rows: list[Row], default_trivial: int, default_digits: int) -> str:
     lines = [
-        "| runner | trivial: ms/trial | digits: efficiency | digits: wall s | digits: best val_accuracy |",
-        "|---|---:|---:|---:|---:|",
+        "| runner | trivial: ms/trial | trivial: marginal ms/trial | digits: efficiency "
+        "| digits: steady-state efficiency | digits: wall s | digits: best val_accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, trivial, digits in rows:
-        cells = [name]
+    for row in rows:
+        cells = [row.name]
+        trivial, marginal, digits = row.trivial, row.marginal, row.digits
         if trivial is None:
             cells.append("—")
         elif trivial.error:
@@ -287,17 +460,109 @@ def table(rows: list[tuple[str, Measurement | None, Measurement | None]], defaul
             if trivial.trials != default_trivial:
                 cell += f" ({trivial.trials} trials)"
             cells.append(cell)
+        if marginal is None:
+            cells.append("—")
+        elif marginal.error:
+            cells.append(f"failed ({marginal.error})")
+        else:
+            cell = _fmt(marginal.ms_per_trial, ".1f")
+            if (marginal.n1.trials, marginal.n2.trials) != (default_trivial, 2 * default_trivial):
+                cell += MARGINAL_MARK
+            cells.append(cell)
         if digits is None:
-            cells += ["—", "—", "—"]
+            cells += ["—", "—", "—", "—"]
         elif digits.error:
-            cells += [f"failed ({digits.error})", _fmt(digits.wall_s or None, ".1f"), "—"]
+            cells += [f"failed ({digits.error})", "—", _fmt(digits.wall_s or None, ".1f"), "—"]
         else:
             eff = _fmt(digits.efficiency, ".2f")
             if digits.trials != default_digits:
                 eff += f" ({digits.trials} trials)"
-            cells += [eff, _fmt(digits.wall_s, ".1f"), _fmt(digits.best, ".3f")]
+            steady = _fmt(digits.steady_efficiency, ".2f")
+            if digits.span_source == "driver" and digits.steady_efficiency is not None:
+                steady += "*"
+            cells += [eff, steady, _fmt(digits.wall_s, ".1f"), _fmt(digits.best, ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+TRIVIAL_BUDGET_MS = 15.0  # DESIGN.md section 7: at most, per trivial trial
+EFFICIENCY_BUDGET = 0.90  # DESIGN.md section 7: at least, on the digits sweep
+
+
+def budget_figures(automl: Row, mlp: Measurement | None) -> dict[str, Any]:
+    """automl's figures against DESIGN.md section 7's budgets; a figure not measured is None, and so is its verdict.
+
+    The 15 ms budget is checked twice: against the marginal figure (the cost of one more trial) and against the
+    end-to-end figure (wall(N1) / N1, the sweep's start-up and tear-down included).
+    """
+    trivial, marginal, digits = automl.trivial, automl.marginal, automl.digits
+    end_to_end = trivial.ms_per_trial if trivial is not None else None
+    slope = marginal.ms_per_trial if marginal is not None else None
+    efficiency = digits.efficiency if digits is not None else None
+    return {
+        "trivial_budget_ms": TRIVIAL_BUDGET_MS,
+        "marginal_ms_per_trial": slope,
+        "marginal_trials": [marginal.n1.trials, marginal.n2.trials] if marginal is not None else None,
+        "marginal_met": None if slope is None else slope <= TRIVIAL_BUDGET_MS,
+        "end_to_end_ms_per_trial": end_to_end,
+        "end_to_end_trials": trivial.trials if trivial is not None else None,
+        "end_to_end_met": None if end_to_end is None else end_to_end <= TRIVIAL_BUDGET_MS,
+        "efficiency_budget": EFFICIENCY_BUDGET,
+        "efficiency": efficiency,
+        "efficiency_met": None if efficiency is None else efficiency >= EFFICIENCY_BUDGET,
+        "steady_state_efficiency": digits.steady_efficiency if digits is not None else None,
+        "mlp_trainer_efficiency": mlp.efficiency if mlp is not None else None,
+    }
+
+
+def _verdict(met: bool | None) -> str:
+    return "met" if met else "missed"
+
+
+def budgets(automl: Row, mlp: Measurement | None) -> str:
+    """The paragraph on DESIGN.md section 7's budgets: which of them automl meets in this run, all computed."""
+    fig = budget_figures(automl, mlp)
+    trivial, marginal, digits = automl.trivial, automl.marginal, automl.digits
+
+    def not_measured(m: Measurement | Marginal | None) -> str:
+        return f"not measured ({m.error if m is not None and m.error else 'not run'})"
+
+    checks: dict[str, bool | None] = {}
+    if fig["marginal_ms_per_trial"] is None:
+        slope_text = not_measured(marginal)
+    else:
+        n1, n2 = fig["marginal_trials"]
+        checks["marginal overhead"] = fig["marginal_met"]
+        slope_text = f"{fig['marginal_ms_per_trial']:.1f} ms, {_verdict(fig['marginal_met'])}"
+        slope_text = f"(the cost of one more trial, (wall({n2}) - wall({n1})) / {n2 - n1}) " + slope_text
+    if fig["end_to_end_ms_per_trial"] is None:
+        end_to_end_text = not_measured(trivial)
+    else:
+        checks["end-to-end overhead"] = fig["end_to_end_met"]
+        n = fig["end_to_end_trials"]
+        end_to_end_text = (f"(wall({n}) / {n}, the sweep's start-up and tear-down included) "
+                           f"{fig['end_to_end_ms_per_trial']:.1f} ms, {_verdict(fig['end_to_end_met'])}")
+    if fig["efficiency"] is None:
+        efficiency = not_measured(digits)
+    else:
+        checks["efficiency"] = fig["efficiency_met"]
+        efficiency = f"{fig['efficiency']:.2f}, {_verdict(fig['efficiency_met'])}"
+        if digits is not None and digits.steady_efficiency is not None and digits.startup_s is not None:
+            efficiency += (f" (steady-state {digits.steady_efficiency:.2f}; {digits.startup_s:.1f} s from the "
+                           f"sweep call to the first trial's start, {digits.teardown_s or 0.0:.1f} s from the "
+                           "last trial's end to its return)")
+        if fig["mlp_trainer_efficiency"] is not None:
+            efficiency += f"; with the built-in `mlp` trainer {fig['mlp_trainer_efficiency']:.2f}"
+    if checks:
+        met = sum(1 for ok in checks.values() if ok)
+        summary = (f"In this run automl meets {met} of the {len(checks)} measured figures: "
+                   + ", ".join(f"{name} {_verdict(ok)}" for name, ok in checks.items()))
+    else:
+        summary = "automl was not measured in this run"
+    return (f"**DESIGN.md §7 budgets.** Orchestration overhead at most {TRIVIAL_BUDGET_MS:.0f} ms per trivial "
+            f"trial: automl's marginal overhead {slope_text}; its end-to-end overhead {end_to_end_text}. "
+            f"Parallel efficiency at least {EFFICIENCY_BUDGET:.2f} on the digits sweep (with the wall time, as §7 "
+            f"defines it): automl {efficiency}. {summary}.")
 
 
 def machine() -> str:
@@ -335,77 +600,120 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# Imported before the first sweep, as one-time costs: Ray Tune (about 1 s) and the modules automl imports when a
+# sweep runs; otherwise each runner's first sweep (the N1 one) would pay them, which would lower its slope.
+PREIMPORTS = ("ray.tune", "ray.tune.search.optuna", "automl.orchestrator", "automl.backend", "automl.journal",
+              "automl.samplers", "automl.schedulers", "automl.space", "automl.state", "automl.tracking")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help=f"Ray Tune with default settings runs {QUICK_TUNE_DEFAULT_TRIVIAL_TRIALS} "
-                             "trivial trials instead of all (it needs about 1 s per trial)")
-    parser.add_argument("--trivial-trials", type=int, default=200)
+                        help=f"Ray Tune with default settings runs at most {QUICK_TUNE_DEFAULT_TRIVIAL_TRIALS} "
+                             "trivial trials for its end-to-end figure instead of --trivial-trials (it needs "
+                             "about 1 s per trial); its marginal figure always comes from "
+                             f"{TUNE_DEFAULT_MARGINAL_TRIALS[0]} and {TUNE_DEFAULT_MARGINAL_TRIALS[1]} trials")
+    parser.add_argument("--trivial-trials", type=int, default=200,
+                        help="N1: trials of the trivial sweep (end-to-end figure); the marginal figure also "
+                             "runs N2 = 2 * N1 (default: %(default)s)")
     parser.add_argument("--digits-trials", type=int, default=20)
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the raw figures to PATH")
     args = parser.parse_args(argv)
+    if args.trivial_trials < 1 or args.digits_trials < 1:
+        parser.error("--trivial-trials and --digits-trials must be at least 1")
     n_trivial, n_digits = args.trivial_trials, args.digits_trials
+    n1, n2 = n_trivial, 2 * n_trivial
     n_tune_default_trivial = min(n_trivial, QUICK_TUNE_DEFAULT_TRIVIAL_TRIALS) if args.quick else n_trivial
 
     _quiet()
     started = time.perf_counter()
     # One-time costs, kept out of every sweep's wall time: imports, Ray's start, the digits data's first load.
+    import importlib
+
     import ray
 
     info = versions()
     objectives.digits_data()
-    ray.init(num_cpus=CONCURRENCY, include_dashboard=False)
+    for module in PREIMPORTS:
+        importlib.import_module(module)
+    ray.init(address="local", num_cpus=CONCURRENCY, include_dashboard=False)
     print(f"ray.init and imports: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+    rows: list[Row] = []
+
+    def run_row(name: str, runner: str, body: Callable[[Measurement], None], *, trivial: bool = True,
+                n_end_to_end: int = n_trivial, marginal_sizes: tuple[int, int] = (n1, n2)) -> None:
+        row = Row(name)
+        if trivial:
+            row.trivial, row.marginal = measure_trivial(runner, n_end_to_end, *marginal_sizes, body)
+        row.digits = measure(runner, "digits", n_digits, body)
+        rows.append(row)
 
     with _temp_dir("overhead-automl-") as workdir:
         store_init_s = init_store(workdir)
+
         def tune(reuse: bool) -> Callable[[Measurement], None]:
             return lambda m: tune_sweep(m, reuse_actors=reuse)
 
-        rows: list[tuple[str, Measurement | None, Measurement | None]] = [
-            ("optuna (in-process, n_jobs=2)",
-             measure("optuna", "trivial", n_trivial, optuna_trivial),
-             measure("optuna", "digits", n_digits, optuna_digits)),
-            ("automl",
-             measure("automl", "trivial", n_trivial, lambda m: automl_sweep(m, workdir=workdir)),
-             measure("automl", "digits", n_digits, lambda m: automl_sweep(m, workdir=workdir))),
-            ("automl (trainer: mlp)", None,
-             measure("automl (trainer: mlp)", "digits", n_digits,
-                     lambda m: automl_sweep(m, workdir=workdir, trainer="mlp"))),
-            ("ray tune, reuse_actors=True",
-             measure("ray-tune reuse_actors", "trivial", n_trivial, tune(True)),
-             measure("ray-tune reuse_actors", "digits", n_digits, tune(True))),
-            ("ray tune, defaults",
-             measure("ray-tune", "trivial", n_tune_default_trivial, tune(False)),
-             measure("ray-tune", "digits", n_digits, tune(False))),
-        ]
+        def optuna_sweep(m: Measurement) -> None:
+            (optuna_trivial if m.workload == "trivial" else optuna_digits)(m)
+
+        run_row("optuna (in-process, n_jobs=2)", "optuna", optuna_sweep)
+        run_row("automl", "automl", lambda m: automl_sweep(m, workdir=workdir))
+        run_row("automl (trainer: mlp)", "automl (trainer: mlp)",
+                lambda m: automl_sweep(m, workdir=workdir, trainer="mlp"), trivial=False)
+        run_row("ray tune, reuse_actors=True", "ray-tune reuse_actors", tune(True))
+        run_row("ray tune, defaults", "ray-tune", tune(False), n_end_to_end=n_tune_default_trivial,
+                marginal_sizes=TUNE_DEFAULT_MARGINAL_TRIALS)
     ray.shutdown()
 
     command = "python benchmarks/overhead.py" + ("" if argv is None and len(sys.argv) < 2 else
                                                  " " + " ".join(sys.argv[1:] if argv is None else argv))
+    by_name = {row.name: row for row in rows}
     print()
     print(table(rows, n_trivial, n_digits))
     print()
+    print(budgets(by_name["automl"], by_name["automl (trainer: mlp)"].digits))
+    print()
     print(f"`{command}` on {machine()}; " + ", ".join(f"{k} {v}" for k, v in info.items())
-          + f"; {CONCURRENCY} concurrent trials; trivial: {n_trivial} trials, digits: {n_digits} trials of "
+          + f"; {CONCURRENCY} concurrent trials; trivial: N1 = {n1} trials (end-to-end: wall(N1) / N1) and "
+          f"N2 = {n2} (marginal: (wall(N2) - wall(N1)) / (N2 - N1)), digits: {n_digits} trials of "
           f"{objectives.DIGITS_EPOCHS} epochs. Total {time.perf_counter() - started:.0f} s.")
-    digits = [(name, d) for name, _, d in rows if d is not None and d.mean_compute_s is not None]
+    marginals = [(row.name, row.marginal) for row in rows if row.marginal is not None]
+    for name, marginal in marginals:
+        a, b = marginal.n1.trials, marginal.n2.trials
+        if (a, b) == (n1, n2):
+            continue
+        print(f"{MARGINAL_MARK}: {name}: the marginal figure is (wall({b}) - wall({a})) / {b - a}, from sweeps "
+              f"of {a} and {b} trials whatever --trivial-trials says (not N1 = {n1} and N2 = {n2}): Ray Tune with "
+              "default settings needs 1 to 2 s per trial.")
+    digits = [(row.name, row.digits) for row in rows if row.digits is not None]
     print("In-trial compute per digits trial (s): "
-          + ", ".join(f"{name} {d.mean_compute_s:.2f}" for name, d in digits)
+          + ", ".join(f"{name} {d.mean_compute_s:.2f}" for name, d in digits if d.mean_compute_s is not None)
           + ". Threads of one process (optuna) slow each other down, which lengthens their compute.")
+    spans = [(name, d) for name, d in digits if d.startup_s is not None and d.teardown_s is not None]
+    if spans:
+        print("Digits start-up / tear-down (s), from the sweep call to the first trial's start / from the last "
+              "trial's end to the call's return: "
+              + ", ".join(f"{name} {d.startup_s:.2f} / {d.teardown_s:.2f}" for name, d in spans) + ".")
+    if any(d.span_source == "driver" and d.steady_efficiency is not None for _, d in digits):
+        print("*: the built-in trainer takes no timestamps; its trials' spans are automl's MLflow run start and "
+              "end times (set by the driver at launch and after the end), which bracket the training.")
     if n_tune_default_trivial != n_trivial:
-        print(f"--quick: Ray Tune with default settings ran {n_tune_default_trivial} trivial trials, not "
-              f"{n_trivial}.")
+        print(f"--quick: Ray Tune with default settings ran {n_tune_default_trivial} trivial trials for its "
+              f"end-to-end figure, not {n_trivial}.")
+    measurements = [m for row in rows for m in row.measurements()]
     if args.json:
         payload = {
             "command": command, "machine": machine(), "versions": info, "concurrency": CONCURRENCY,
-            "store_init_s": store_init_s,
-            "results": [m.as_json() for _, *ms in rows for m in ms if m is not None],
+            "store_init_s": store_init_s, "trivial_n1": n1, "trivial_n2": n2,
+            "budgets": budget_figures(by_name["automl"], by_name["automl (trainer: mlp)"].digits),
+            "trivial_marginal": [row.as_json() for row in rows if row.trivial is not None],
+            "results": [m.as_json() for m in measurements],
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"raw figures: {args.json}")
-    failed = [m for _, *ms in rows for m in ms if m is not None and m.error]
-    return 1 if failed else 0
+    return 1 if any(m.error for m in measurements) else 0
 
 
 if __name__ == "__main__":

@@ -88,6 +88,13 @@ def test_digits_mlp_sweep_is_recorded_in_mlflow_and_the_best_model_predicts(work
     assert parent.data.params["width"] == str(best.params["width"])
     assert parent.data.metrics["val_accuracy"] == pytest.approx(best.value)
     assert parent.data.tags[TAG_BEST_URI] == best.model_uri
+    # The sweep's summary: the leaderboard and the plots a user would otherwise make by hand.
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"spec.yaml", "leaderboard.csv", "best_model", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/intermediate_values.png"} <= plots
+    board = Path(client.download_artifacts(result.parent_run_id, "leaderboard.csv", str(workdir))).read_text()
+    assert board.splitlines()[1].startswith(f"{best.number},COMPLETE,")
 
     # The best model loads in a fresh process with MLflow's own loader and predicts on raw rows.
     script = (
