@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from automl.errors import AutoMLError
+from automl.errors import AutoMLError, TrainerError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -248,7 +248,10 @@ def validate(
         resolved = load_spec(spec, option_overrides(trainer=trainer, data=data_source, target=target, metric=metric))
     else:
         resolved = imported.to_spec()
-    resolve_trainer(resolved.trainer, spec.resolve().parent)
+    try:
+        resolve_trainer(resolved.trainer, spec.resolve().parent)
+    except TrainerError as exc:
+        raise TrainerError(f"{spec.name}: {exc}") from None  # name the file, as spec errors do
     space = SearchSpace(resolved.parameters)
     data = resolved.model_dump(mode="json")
     try:

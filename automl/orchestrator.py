@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from automl.errors import AutoMLError, SweepNotFoundError
+from automl.errors import AutoMLError, SweepNotFoundError, TrainerError
 from automl.spec import Spec, load_spec, spec_from_dict
 
 if TYPE_CHECKING:
@@ -168,7 +168,10 @@ class Sweep:
     def from_yaml(cls, path: str | Path, *, overrides: dict[str, Any] | None = None, **kwargs: Any) -> Sweep:
         path = Path(path)
         spec = load_spec(path, overrides=overrides)
-        return cls(spec, base_dir=path.resolve().parent, spec_text=path.read_text(), **kwargs)
+        try:
+            return cls(spec, base_dir=path.resolve().parent, spec_text=path.read_text(), **kwargs)
+        except TrainerError as exc:
+            raise TrainerError(f"{path.name}: {exc}") from None  # name the file, as spec errors do
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], **kwargs: Any) -> Sweep:
@@ -232,6 +235,19 @@ def connect_ray(address: str | None) -> None:
         ray.init(address=address or "local", **kwargs)
     except ConnectionError as exc:
         raise AutoMLError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+
+
+def _versions() -> dict[str, str]:
+    """The versions a sweep ran with, for its parent run: results depend on them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("automl", "torch", "ray", "optuna", "mlflow", "scikit-learn"):
+        try:
+            found[f"automl.version.{name}"] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
 
 
 def _without_password(url: str | None) -> str | None:
@@ -489,7 +505,7 @@ class _SweepRun:
             "sweep.early_stopping": spec.early_stopping.method,
         }
         tags = {tracking.TAG_SWEEP: spec.name, tracking.TAG_SWEEP_ID: self.sweep_id,
-                "automl.sampler": self.sampler_name}
+                "automl.sampler": self.sampler_name, **_versions()}
         spec_text = self.sweep.spec_text
         if spec_text is None:
             import yaml

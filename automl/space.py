@@ -50,22 +50,30 @@ class SearchSpace:
     def _check_names(
         params: Mapping[str, Parameter], seen: dict[str, Parameter], outer: frozenset[str] = frozenset(),
         path: str = "parameters",
-    ) -> None:
-        # A name may repeat only across mutually exclusive `when` branches, and only if it means the same
-        # thing there: Optuna's samplers (and a user reading MLflow) treat one name as one dimension.
+    ) -> frozenset[str]:
+        """Check the names of one level; returns every name a trial may use from it.
+
+        A name may repeat only across mutually exclusive `when` branches (of one choice), and only if it means
+        the same thing there: Optuna's samplers (and a user reading MLflow) treat one name as one dimension.
+        """
+        used: set[str] = set()
         for name, param in params.items():
             here = f"{path}.{name}"
-            if name in outer:
-                raise FieldError(here, f"'{name}' is already defined outside this when branch; rename one of them")
             plain = param.model_copy(update={"when": None}) if isinstance(param, CategoricalParam) else param
             if name in seen and seen[name] != plain:
                 raise FieldError(here, f"'{name}' is defined twice with different settings; rename one of them")
             seen[name] = plain
-        inner = outer | frozenset(params)
-        for name, param in params.items():
+            reach = {name}
             if isinstance(param, CategoricalParam):
+                inner = outer | frozenset(params)
                 for choice, branch in (param.when or {}).items():
-                    SearchSpace._check_names(branch, seen, inner, f"{path}.{name}.when.{choice}")
+                    reach |= SearchSpace._check_names(branch, seen, inner, f"{here}.when.{choice}")
+            clash = sorted(reach & (used | outer))
+            if clash:
+                raise FieldError(here, f"'{clash[0]}' can be used twice by one trial (outside this when branch, "
+                                 "or under another choice); rename one of them")
+            used |= reach
+        return frozenset(used)
 
     # ------------------------------------------------------------------ sampling
 
@@ -104,7 +112,8 @@ def _walk(params: Mapping[str, Parameter]) -> Iterator[tuple[str, Parameter]]:
 def _suggest_into(trial: optuna.Trial, params: Mapping[str, Parameter], out: dict[str, Any]) -> None:
     for name, param in params.items():
         if isinstance(param, FloatParam):
-            out[name] = trial.suggest_float(name, param.low, param.high, log=param.log, step=param.step)
+            # float(): a grid's brute-force sampler may hand back 1 for 1.0
+            out[name] = float(trial.suggest_float(name, param.low, param.high, log=param.log, step=param.step))
         elif isinstance(param, IntParam):
             out[name] = trial.suggest_int(name, param.low, param.high, step=param.step or 1, log=param.log)
         else:
@@ -127,8 +136,9 @@ def _values(param: Parameter, path: str) -> list[Any]:
     count = math.floor((param.high - param.low) / param.step + 1e-9) + 1
     if count > MAX_GRID:
         raise FieldError(path, f"has {count} grid values; use a larger step")
-    # Rounding keeps 0.1 + 3*0.05 from becoming 0.25000000000000006, which Optuna would reject.
-    return [round(param.low + k * param.step, 12) for k in range(count)]
+    # 12 significant digits keep 0.1 + 3*0.05 from becoming 0.25000000000000006 (Optuna would reject it)
+    # without collapsing tiny steps (1e-14) to zero.
+    return [float(f"{param.low + k * param.step:.12g}") for k in range(count)]
 
 
 def _count(params: Mapping[str, Parameter], path: str) -> int:

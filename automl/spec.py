@@ -50,7 +50,8 @@ class FieldError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML already gives real types; "yes" is not a boolean and `true` is not a seed.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # --------------------------------------------------------------------------------------------- parameters
@@ -109,8 +110,11 @@ class CategoricalParam(_Model):
     @model_validator(mode="after")
     def _check(self) -> CategoricalParam:
         keys = [_choice_key(c) for c in self.choices]
-        if len(set(keys)) != len(keys):
-            raise FieldError("choices", f"must not repeat a value (got {self.choices})")
+        # `true` and 1, or 1 and 1.0, compare equal: Optuna would record one as the other.
+        equal = any(a == b for i, a in enumerate(self.choices) for b in self.choices[i + 1:])
+        if len(set(keys)) != len(keys) or equal:
+            raise FieldError("choices", f"must not repeat a value, counting equal ones such as true and 1 "
+                             f"(got {self.choices})")
         for key in self.when or {}:
             if key not in keys:
                 raise FieldError("when", f"'{key}' is not one of the choices {self.choices}")
@@ -358,14 +362,14 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
     except RecursionError:
         raise SpecError(f"nesting deeper than {MAX_YAML_DEPTH} levels; a spec is a few levels deep",
                         source=source) from None
-    except _YamlTooLarge as exc:
+    except _YamlRefused as exc:
         raise SpecError(str(exc), source=source) from None
     if not isinstance(data, dict):
         raise SpecError("must be a YAML mapping of fields (name, trainer, metric, parameters, ...)", source=source)
     return data
 
 
-class _YamlTooLarge(Exception):
+class _YamlRefused(Exception):
     pass
 
 
@@ -375,17 +379,24 @@ def _check_yaml_size(root: Any) -> None:
 
     def size(node: Any, depth: int) -> int:
         if depth > MAX_YAML_DEPTH:
-            raise _YamlTooLarge(f"nesting deeper than {MAX_YAML_DEPTH} levels; a spec is a few levels deep")
+            raise _YamlRefused(f"nesting deeper than {MAX_YAML_DEPTH} levels; a spec is a few levels deep")
         key = id(node)
         if key in sizes:
             return sizes[key]
         total = 1
+        if isinstance(node.value, list) and node.tag.endswith(":map"):
+            keys = [k.value for k, _ in node.value if isinstance(getattr(k, "value", None), str)]
+            repeated = sorted({k for k in keys if keys.count(k) > 1})
+            if repeated:
+                mark = node.start_mark
+                raise _YamlRefused(f"line {mark.line + 1}: key '{repeated[0]}' appears twice in the same mapping; "
+                                    "keep one")
         if isinstance(node.value, list):
             for item in node.value:
                 for child in item if isinstance(item, tuple) else (item,):
                     total += size(child, depth + 1)
                     if total > MAX_YAML_NODES:
-                        raise _YamlTooLarge(
+                        raise _YamlRefused(
                             f"more than {MAX_YAML_NODES} values once aliases are expanded (an alias bomb?)")
         sizes[key] = total
         return total

@@ -88,6 +88,10 @@ def test_digits_mlp_sweep_is_recorded_in_mlflow_and_the_best_model_predicts(work
     assert parent.data.params["width"] == str(best.params["width"])
     assert parent.data.metrics["val_accuracy"] == pytest.approx(best.value)
     assert parent.data.tags[TAG_BEST_URI] == best.model_uri
+    assert {"automl.version.automl", "automl.version.torch", "automl.version.ray", "automl.version.optuna",
+            "automl.version.mlflow"} <= set(parent.data.tags)
+    assert parent.data.params["sweep.method"] == "bayesian"
+    assert parent.data.params["sweep.seed"] == "0"
     # The sweep's summary: the leaderboard and the plots a user would otherwise make by hand.
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"spec.yaml", "leaderboard.csv", "best_model", "plots"} <= artifacts

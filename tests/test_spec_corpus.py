@@ -1,0 +1,159 @@
+"""A corpus of malformed spec files (tests/specs/bad): `automl validate` and `automl run` refuse each one.
+
+Every file starts with ``# expect: <field.path>`` (the field path the error line must name) or
+``# expect: @file`` (a file-level problem: the line must name the file); an optional second line
+``# xfail: <reason>`` marks a spec that automl accepts today although it should not (a known bug, strict xfail).
+The empty file has no room for a header and expects ``@file``. Two cases are generated at test time rather than
+committed: 5000 nested lists and a 10 MB file.
+
+For each case and command, in a fresh empty working directory holding only the spec: exit status 2, one
+non-empty stderr line naming the field path (or the file), no traceback, fast (validate < 1 s, run < 3 s), and
+nothing written (no mlflow.db, mlartifacts/, .automl/).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+CORPUS = Path(__file__).parent / "specs" / "bad"
+_SCRIPT = Path(sys.executable).with_name("automl")
+AUTOML = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "automl.cli"]
+LIMITS = {"validate": 1.0, "run": 3.0}  # seconds of wall time, start of the process to its exit
+HEADER = "trainer: mlp\nmetric: val_accuracy\n"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # the spec file's name
+    expect: str  # a field path, or "@file"
+    xfail: str | None = None
+
+    def text(self) -> bytes:
+        if self.name == "generated-deep-nesting.yaml":
+            return f"# expect: @file\n{HEADER}fixed: {{deep: {'[' * 5000}{']' * 5000}}}\n".encode()
+        if self.name == "generated-10mb.yaml":
+            pad = "# padding " + "x" * 1014 + "\n"  # 1 KiB a line
+            return (f"# expect: @file\n{HEADER}parameters:\n  x: {{type: int, low: 1, high: 2}}\n"
+                    + pad * (10 * 1024)).encode()
+        return (CORPUS / self.name).read_bytes()
+
+
+def read_case(path: Path) -> Case:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        return Case(path.name, "@file")  # the empty file
+    match = re.fullmatch(r"# expect: (\S+)", lines[0])
+    assert match, f"{path.name}: the first line must be '# expect: <field.path>'"
+    xfail = None
+    if len(lines) > 1 and lines[1].startswith("# xfail: "):
+        xfail = lines[1].removeprefix("# xfail: ")
+    return Case(path.name, match.group(1), xfail)
+
+
+CASES = [read_case(p) for p in sorted(CORPUS.glob("*.yaml"))] + [
+    Case("generated-deep-nesting.yaml", "@file"),
+    Case("generated-10mb.yaml", "@file"),
+]
+
+
+@dataclass
+class Outcome:
+    proc: subprocess.CompletedProcess[str] | None  # None: not run (validate accepted the spec)
+    seconds: float
+    cwd: Path
+
+
+def cli(command: str, spec: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "AUTOML_STORAGE", "FORCE_COLOR", "TTY_COMPATIBLE")}
+    env["COLUMNS"] = "80"  # a narrow terminal must not wrap the one error line
+    start = time.perf_counter()
+    proc = subprocess.run([*AUTOML, command, spec], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    return proc, time.perf_counter() - start
+
+
+def _run_case(case: Case, root: Path) -> dict[str, Outcome]:
+    out: dict[str, Outcome] = {}
+    for command in ("validate", "run"):
+        cwd = root / f"{case.name}-{command}"
+        cwd.mkdir()
+        (cwd / case.name).write_bytes(case.text())
+        if command == "run" and out["validate"].proc is not None and out["validate"].proc.returncode == 0:
+            # A spec that validate accepts would start a real sweep (Ray, MLflow): never run it here.
+            out[command] = Outcome(None, 0.0, cwd)
+            continue
+        proc, seconds = cli(command, case.name, cwd)
+        out[command] = Outcome(proc, seconds, cwd)
+    return out
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Outcome]:
+    """Every case under both commands, two processes at a time: the subprocesses dominate the cost.
+
+    A command over its time limit is timed again, alone, up to twice (in a fresh directory; the first run's
+    output and directory are what the test checks): the best of the tries is its time, so that a busy machine
+    does not pass for a slow command, and a command that is slow on its own still fails.
+    """
+    root = tmp_path_factory.mktemp("corpus")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda case: _run_case(case, root), CASES))
+    found = {(case.name, command): outcome
+             for case, result in zip(CASES, results, strict=True) for command, outcome in result.items()}
+    for case in CASES:
+        for command in ("validate", "run"):
+            outcome = found[(case.name, command)]
+            for attempt in (1, 2):
+                if outcome.proc is None or outcome.seconds < LIMITS[command]:
+                    break
+                cwd = root / f"{case.name}-{command}-again{attempt}"
+                cwd.mkdir()
+                (cwd / case.name).write_bytes(case.text())
+                outcome.seconds = min(outcome.seconds, cli(command, case.name, cwd)[1])
+    return found
+
+
+def _params() -> list[object]:
+    params = []
+    for case in CASES:
+        for command in ("validate", "run"):
+            marks = [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
+            params.append(pytest.param(case, command, id=f"{case.name.removesuffix('.yaml')}-{command}", marks=marks))
+    return params
+
+
+def test_corpus_is_large_and_well_formed() -> None:
+    assert len(CASES) >= 45
+    assert len({c.name for c in CASES}) == len(CASES)
+    for case in CASES:
+        assert case.expect == "@file" or re.fullmatch(r"[a-z_][a-z0-9_]*(\.[A-Za-z0-9_]+)*", case.expect), case
+
+
+@pytest.mark.parametrize(("case", "command"), _params())
+def test_bad_spec_is_refused(outcomes: dict[tuple[str, str], Outcome], case: Case, command: str) -> None:
+    outcome = outcomes[(case.name, command)]
+    proc = outcome.proc
+    assert proc is not None, "validate accepted this spec, so run was not tried (it would start a sweep)"
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert proc.stderr.strip() == lines[0].strip(), proc.stderr  # and no blank lines around it
+    line = lines[0]
+    if case.expect == "@file":
+        assert case.name in line, line
+    else:
+        # The path as a whole component: `parameters.lr.low:` or `parameters.lr.low.0:`, not a word in the text.
+        assert re.search(rf"(^|[\s:]){re.escape(case.expect)}[.:]", line), line
+    assert outcome.seconds < LIMITS[command], f"{command} took {outcome.seconds:.2f} s: {line}"
+    assert sorted(os.listdir(outcome.cwd)) == [case.name]  # no mlflow.db, mlartifacts/, .automl/, PWNED
