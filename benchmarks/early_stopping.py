@@ -29,10 +29,8 @@ Definitions, per sweep:
 - compute: the sum over all trials (finished, stopped and failed) of ``TrialRecord.seconds``, the time
   inside the trainer (``report`` calls included, the worker's one-time torch warm-up excluded), in seconds.
   Two trials run at a time, so it is up to twice the wall time the trials took.
-- epochs trained: the sum over all trials of ``TrialRecord.epochs`` (the last epoch each trial reported),
-  plus one per stopped trial: a stop request takes effect at the trial's next ``report``, which raises
-  instead of reporting, so a stopped trial has trained one epoch more than it reported (its compute
-  includes that epoch).
+- epochs trained: the sum over all trials of ``TrialRecord.epochs`` (the last epoch each trial reported; a stop
+  request takes effect at the trial's next ``report``, which records that epoch and then stops the trial).
 - wall: ``time.perf_counter`` around ``Sweep.from_dict(...).run()``: the sweep's trial actors starting
   (and importing torch), every trial, MLflow logging and saving the best model.
 - stopped early: trials that ended ``STOPPED`` (early stopping stopped them).
@@ -172,7 +170,7 @@ def run_sweep(variant: str, *, trials: int, epochs: int, seed: int) -> Run:
     run.compute_s = sum(t.seconds for t in result.trials)
     run.epochs_reported = sum(t.epochs for t in result.trials)
     run.stopped = sum(1 for t in result.trials if t.state == "STOPPED")
-    run.epochs_trained = run.epochs_reported + run.stopped  # the epoch whose report stopped it
+    run.epochs_trained = run.epochs_reported  # a stopped trial reports the epoch it trained before stopping
     for t in result.trials:
         run.states[t.state] = run.states.get(t.state, 0) + 1
     run.trial_rows = [
