@@ -31,13 +31,13 @@ from pydantic import BaseModel, ValidationError
 
 from automl.errors import SpecError
 from automl.spec import (
-    MAX_SPEC_BYTES,
     BudgetSpec,
     FieldError,
     Parameter,
     _choice_key,
     _spec_error,
     parse_yaml,
+    read_spec_text,
     spec_from_dict,
 )
 
@@ -167,18 +167,7 @@ def option_overrides(
 def read_document(path: Path) -> dict[str, Any]:
     """Read a YAML or JSON file (at most ``MAX_SPEC_BYTES``) into a mapping; the errors of ``load_spec``."""
     source = path.name
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise SpecError("file not found; check the path", source=str(path)) from None
-    except OSError as exc:
-        raise SpecError(f"cannot read the file ({exc.strerror})", source=str(path)) from None
-    if size > MAX_SPEC_BYTES:
-        raise SpecError(f"file is {size} bytes; a spec must be at most {MAX_SPEC_BYTES} bytes", source=source)
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise SpecError(f"cannot read the file ({exc.strerror or exc})", source=str(path)) from None
+    text = read_spec_text(path)
     if path.suffix.lower() != ".json":
         return parse_yaml(text, source)  # safe loader; refuses alias bombs and deep nesting
     try:

@@ -315,13 +315,8 @@ class Spec(_Model):
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec:
-    """Read, parse and validate a spec file; raise ``SpecError`` (one line) on any problem.
-
-    ``overrides`` maps dotted field paths (``budget.trials``) to values given on the command line.
-    """
-    path = Path(path)
-    source = path.name
+def read_spec_text(path: Path) -> str:
+    """The text of a spec-like file (at most ``MAX_SPEC_BYTES``); ``SpecError`` if it cannot be read."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -329,12 +324,21 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec
     except OSError as exc:
         raise SpecError(f"cannot read the file ({exc.strerror})", source=str(path)) from None
     if size > MAX_SPEC_BYTES:
-        raise SpecError(f"file is {size} bytes; a spec must be at most {MAX_SPEC_BYTES} bytes", source=source)
+        raise SpecError(f"file is {size} bytes; a spec must be at most {MAX_SPEC_BYTES} bytes", source=path.name)
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        return path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise SpecError(f"cannot read the file ({exc.strerror or exc})", source=str(path)) from None
-    raw = parse_yaml(text, source)
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec:
+    """Read, parse and validate a spec file; raise ``SpecError`` (one line) on any problem.
+
+    ``overrides`` maps dotted field paths (``budget.trials``) to values given on the command line.
+    """
+    path = Path(path)
+    source = path.name
+    raw = parse_yaml(read_spec_text(path), source)
     if "name" not in raw:
         raw["name"] = _name_from_path(path)
     return spec_from_dict(raw, source=source, overrides=overrides)
