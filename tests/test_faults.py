@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 from mlflow import MlflowClient
 
 from automl import Sweep
 from automl.orchestrator import SweepFailed
+from automl.state import journal_path
 from automl.tracking import PARENT_TAG
 
 ASSETS = Path(__file__).parent / "assets"
@@ -29,6 +31,14 @@ def spec(**overrides: Any) -> dict[str, Any]:
     return raw
 
 
+def optuna_states(result: Any) -> dict[int, str]:
+    """The sweep's own Optuna records (its journal), by trial number."""
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal_path(result.state_dir))))
+    study = optuna.load_study(study_name=result.sweep_id, storage=storage)
+    return {t.number: t.state.name for t in study.trials}
+
+
 def child_runs(workdir: Path, parent: str) -> dict[int, Any]:
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_run(parent).info.experiment_id
@@ -46,6 +56,7 @@ def test_a_worker_killed_mid_trial_is_retried_and_the_sweep_completes(workdir: P
     assert len(list(markers.iterdir())) == 4  # each trial's first worker really died
     runs = child_runs(workdir, result.parent_run_id)
     assert all(r.info.status == "FINISHED" and r.data.tags["automl.attempts"] == "2" for r in runs.values())
+    assert optuna_states(result) == {0: "COMPLETE", 1: "COMPLETE", 2: "COMPLETE", 3: "COMPLETE"}
 
 
 def test_without_retries_a_dead_worker_fails_the_trial_with_the_reason(workdir: Path) -> None:
@@ -56,6 +67,7 @@ def test_without_retries_a_dead_worker_fails_the_trial_with_the_reason(workdir: 
                              base_dir=ASSETS, workdir=workdir).run()
     assert [t.state for t in result.trials] == ["FAILED"] * 2
     assert all("worker" in (t.error or "") and "died" in (t.error or "") for t in result.trials)
+    assert set(optuna_states(result).values()) == {"FAIL"}
 
 
 def test_a_trial_past_its_time_limit_fails_and_the_sweep_goes_on(workdir: Path) -> None:
@@ -67,6 +79,9 @@ def test_a_trial_past_its_time_limit_fails_and_the_sweep_goes_on(workdir: Path) 
     assert fast
     assert all(t.state == "FAILED" and "trial_time" in (t.error or "") for t in slow)
     assert all(t.state == "COMPLETE" for t in fast)
+    states = optuna_states(result)
+    assert all(states[t.number] == "FAIL" for t in slow)
+    assert all(states[t.number] == "COMPLETE" for t in fast)
     runs = child_runs(workdir, result.parent_run_id)
     for t in slow:
         assert runs[t.number].info.status == "FAILED"

@@ -67,7 +67,7 @@ def kill_group(proc: subprocess.Popen[str], sig: int) -> None:
     os.kill(proc.pid, sig)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path: Path, sig: int) -> None:
     spec = write_spec(tmp_path, "resumable")
     proc = automl("run", str(spec), cwd=tmp_path)
@@ -86,8 +86,12 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path: Path,
             os.killpg(proc.pid, signal.SIGKILL)  # the killed driver's own local Ray processes
         except ProcessLookupError:
             pass
-    if sig == signal.SIGTERM:
+    if sig != signal.SIGKILL:  # a clean stop: running trials KILLED, the sweep resumable
         assert proc.returncode != 0
+        stopped = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        runs = stopped.search_runs([e.experiment_id for e in stopped.search_experiments()], max_results=1000)
+        assert all(r.info.status != "RUNNING" for r in runs)
+        assert [r.info.status for r in runs if r.data.tags.get("automl.role") == "sweep"] == ["KILLED"]
     before = {t.number: (t.params, t.value) for t in study_of(tmp_path).trials
               if t.state == optuna.trial.TrialState.COMPLETE}
     assert len(before) >= 3
