@@ -36,6 +36,7 @@ from automl.spec import (
     Parameter,
     _choice_key,
     _spec_error,
+    apply_overrides,
     parse_yaml,
     read_spec_text,
     spec_from_dict,
@@ -303,17 +304,7 @@ def _safe_name(text: str) -> str:
 
 def _apply(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Dotted-path replacements, as ``spec_from_dict`` applies its overrides."""
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            child = node.get(key)
-            node[key] = dict(child) if isinstance(child, dict) else {}
-            node = node[key]
-        node[leaf] = value
-    return raw
+    return apply_overrides(raw, overrides)
 
 
 _ORDER = ("name", "trainer", "data", "metric", "method", "budget", "early_stopping", "resources", "seed", "fixed",

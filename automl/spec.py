@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -408,10 +409,8 @@ def _check_yaml_size(root: Any) -> None:
     size(root, 0)
 
 
-def spec_from_dict(
-    raw: dict[str, Any], *, source: str = "spec", overrides: dict[str, Any] | None = None
-) -> Spec:
-    raw = dict(raw)
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Dotted-path replacements (``budget.trials`` -> 10) in place; ``None`` values leave a field alone."""
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -422,6 +421,13 @@ def spec_from_dict(
             node[key] = dict(child) if isinstance(child, dict) else {}
             node = node[key]
         node[leaf] = value
+    return raw
+
+
+def spec_from_dict(
+    raw: dict[str, Any], *, source: str = "spec", overrides: dict[str, Any] | None = None
+) -> Spec:
+    raw = apply_overrides(dict(raw), overrides)
     try:
         return Spec.model_validate(raw)
     except ValidationError as exc:

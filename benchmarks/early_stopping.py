@@ -56,7 +56,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -68,6 +67,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from overhead import machine, versions  # the same machine and version lines as the overhead benchmark
 
 HERE = Path(__file__).resolve().parent
 SPACE_FILE = HERE.parent / "search_spaces" / "digits_mlp.yaml"
@@ -312,28 +313,6 @@ def verdict(comparisons: list[Comparison], repeats: int) -> tuple[str, bool | No
             f"it: {conditions}; met in {met} of {n}"
             + (f" (with {missing} seed{'s' if missing > 1 else ''} left out: a sweep failed)" if missing else "")
             + "."), ok
-
-
-def machine() -> str:
-    cores = os.cpu_count() or 0
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{usable} cores ({cores} online), {model}, Python {platform.python_version()}"
-
-
-def versions() -> dict[str, str]:
-    import mlflow
-    import optuna
-    import ray
-    import torch
-
-    return {"optuna": optuna.__version__, "ray": ray.__version__, "torch": torch.__version__,
-            "mlflow": mlflow.__version__}
 
 
 def _quiet() -> None:
