@@ -376,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"`{command}` on {machine()}; " + ", ".join(f"{k} {v}" for k, v in info.items())
           + f"; digits MLP, bayesian (TPE), {args.trials} trials of {args.epochs} epochs per sweep, "
           f"{CONCURRENCY} concurrent, {seeds}. Total {time.perf_counter() - started:.0f} s.")
-    print("compute: sum of in-trial seconds over all trials; epochs trained: reported epochs plus one per "
-          "stopped trial (the epoch whose report stopped it); asha vs full: ASHA's best minus the full "
+    print("compute: sum of in-trial seconds over all trials; epochs trained: every trial's reported epochs (a "
+          "stopped trial reports the epoch it trained before stopping); asha vs full: ASHA's best minus the full "
           "sweep's (percentage points), and ASHA's compute, epochs and wall as a % of the full sweep's.")
     bad = [r for rs in runs.values() for r in rs if r.ok and (r.states.get("FAILED") or r.states.get("KILLED"))]
     for r in bad:
