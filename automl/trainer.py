@@ -73,6 +73,9 @@ class Dataset:
     feature_names: list[str]
     classes: list[Any] = field(default_factory=list)
     target: str = "target"
+    # (channels, height, width) when each row is an image flattened in C-H-W order (image folders,
+    # sklearn:digits); None for ordinary tables. Image trainers (cnn) reshape rows with it.
+    image_shape: tuple[int, int, int] | None = None
 
     @property
     def n_features(self) -> int:
@@ -81,6 +84,11 @@ class Dataset:
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    def class_weights(self) -> np.ndarray:
+        """``class_weight: balanced`` as scikit-learn computes it: n_samples / (n_classes * count per class)."""
+        counts = np.bincount(self.y_train.astype(np.int64), minlength=self.n_classes).astype(np.float64)
+        return (len(self.y_train) / (self.n_classes * np.maximum(counts, 1.0))).astype(np.float32)
 
     def evaluate(self, y_pred: np.ndarray, *, proba: np.ndarray | None = None) -> dict[str, float]:
         """All validation metrics that apply to this task (DESIGN.md section 2 names)."""
@@ -98,6 +106,13 @@ class SavableModel(ABC):
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError(f"{type(self).__name__} gives no probabilities")
+
+    def torch_module(self) -> Any:
+        """A ``torch.nn.Module`` in eval mode for ONNX and TorchScript export, or ``None`` when the model is not
+        a torch network. It maps a float32 batch of features ``(n, n_features)`` to class probabilities
+        ``(n, n_classes)`` (classification) or to predictions ``(n,)`` in target units (regression), so an
+        export needs no code besides the preprocessing that travels with it."""
+        return None
 
     @abstractmethod
     def save(self, path: Path) -> None:

@@ -151,6 +151,33 @@ class MLPTrainer(Trainer):
                         task=data.task, y_mean=y_mean, y_std=y_std)
 
 
+def _export_head_class() -> Any:
+    import torch
+
+    class ExportHead(torch.nn.Module):
+        """The network plus its output transform (softmax, or the target's scale): what ONNX and TorchScript
+        exports compute, so they need nothing but the preprocessing besides."""
+
+        def __init__(self, net: Any, task: str, y_mean: float, y_std: float) -> None:
+            super().__init__()
+            self.net = net
+            self.classification = task == "classification"
+            self.y_mean = float(y_mean)
+            self.y_std = float(y_std)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.net(x)
+            if self.classification:
+                return torch.softmax(out, dim=1)
+            return out[:, 0] * self.y_std + self.y_mean
+
+    return ExportHead
+
+
+def _ExportHead(net: Any, task: str, y_mean: float, y_std: float) -> Any:  # noqa: N802 - acts as a class
+    return _export_head_class()(net, task, y_mean, y_std)
+
+
 class MLPModel(SavableModel):
     """A trained MLP: architecture in JSON, weights in safetensors."""
 
@@ -182,6 +209,9 @@ class MLPModel(SavableModel):
         if self.task == "classification":
             return out.argmax(axis=1)
         return out[:, 0] * self.y_std + self.y_mean
+
+    def torch_module(self) -> Any:
+        return _ExportHead(self.net, self.task, self.y_mean, self.y_std).eval()
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
