@@ -174,7 +174,7 @@ def _export_head_class() -> Any:
     return ExportHead
 
 
-def _ExportHead(net: Any, task: str, y_mean: float, y_std: float) -> Any:  # noqa: N802 - acts as a class
+def export_head(net: Any, task: str, y_mean: float, y_std: float) -> Any:
     return _export_head_class()(net, task, y_mean, y_std)
 
 
@@ -211,7 +211,7 @@ class MLPModel(SavableModel):
         return out[:, 0] * self.y_std + self.y_mean
 
     def torch_module(self) -> Any:
-        return _ExportHead(self.net, self.task, self.y_mean, self.y_std).eval()
+        return export_head(self.net, self.task, self.y_mean, self.y_std).eval()
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
