@@ -15,10 +15,11 @@ import contextlib
 import os
 import queue
 import random
+import statistics
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -128,7 +129,10 @@ class TrialRunner:
             _seed_everything(seed)
             start = time.perf_counter()
             try:
-                model = self._fit(dict(params), data, report)
+                if isinstance(data, list):  # k-fold (data.validation.folds): one training per fold
+                    model = fit_folds(self._fit, params, data, report, seed, lambda: number in stop)
+                else:
+                    model = self._fit(dict(params), data, report)
                 seconds = time.perf_counter() - start
                 end = TrialEnd(number, COMPLETE, seconds)
                 try:
@@ -162,6 +166,47 @@ class TrialRunner:
             if isinstance(batch[-1], TrialEnd):
                 stop.discard(number)
                 return
+
+
+def fit_folds(
+    fit: Any, params: dict[str, Any], folds: list[Any], report: Any, seed: int, stop_requested: Callable[[], bool]
+) -> Any:
+    """Train once per fold, one fold after another, and report the mean over folds; return fold 1's model.
+
+    Each fold's reports are buffered (the trial's ``report`` is called only after the last fold): for every
+    step that all folds reached, the mean over folds of every metric they all reported; on the last such step
+    also each fold's own value, as ``<metric>_fold<i>``. A stop request still ends the trial between or during
+    folds: the buffering ``report`` raises ``StopTrial`` as the trial's own does, and nothing is reported.
+    """
+    from automl.trainer import StopTrial
+
+    buffers: list[dict[int, dict[str, float]]] = []
+    first: Any = None
+    for i, fold in enumerate(folds):
+        buffer: dict[int, dict[str, float]] = {}
+        buffers.append(buffer)
+
+        def buffered(step: int, metrics: Any, buffer: dict[int, dict[str, float]] = buffer) -> None:
+            buffer.setdefault(int(step), {}).update({str(k): float(v) for k, v in dict(metrics).items()})
+            if stop_requested():
+                raise StopTrial
+
+        if i:
+            if stop_requested():  # a trainer that never reports is still stopped between folds
+                raise StopTrial
+            _seed_everything(seed)  # every fold starts from the same seed: folds differ by their data only
+        model = fit(dict(params), fold, buffered)
+        if i == 0:
+            first = model
+    steps = sorted(set.intersection(*(set(b) for b in buffers)))
+    for n, step in enumerate(steps):
+        per_fold = [b[step] for b in buffers]
+        names = [k for k in per_fold[0] if all(k in m for m in per_fold)]
+        metrics = {k: statistics.fmean(m[k] for m in per_fold) for k in names}
+        if n == len(steps) - 1:
+            metrics.update({f"{k}_fold{j}": m[k] for k in names for j, m in enumerate(per_fold, start=1)})
+        report(step, metrics)
+    return first
 
 
 # --------------------------------------------------------------------------------------------- driver side

@@ -1,11 +1,20 @@
-"""Loading (pandas) and preprocessing (scikit-learn): spec ``data`` -> a ``Dataset`` the trainers share.
+"""Loading (pandas, Pillow) and preprocessing (scikit-learn): spec ``data`` -> the ``Dataset``(s) trainers see.
 
-The preprocessing is fitted on the training split only, and travels with every exported model, so that a
-model takes the same raw rows (original columns, missing values, unseen categories) that the data file had.
+Sources: ``sklearn:<name>`` (a bundled dataset), a ``.csv`` or ``.parquet`` file, or a folder of images with
+one subfolder per class. The preprocessing is fitted on the training split only, and travels with every
+exported model, so that a model takes the same raw rows (original columns, missing values, unseen categories)
+that the data file had.
+
+With ``data.validation.folds: k`` the data is split into k folds (stratified for classification); each fold
+is a ``Dataset`` with its own preprocessing, fitted on that fold's training part. ``PreparedData.dataset`` and
+``.preprocessor`` are fold 1's: the model a k-fold trial exports is the one trained in fold 1.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +30,8 @@ if TYPE_CHECKING:
 
     from automl.spec import DataSpec
 
+log = logging.getLogger(__name__)
+
 SKLEARN_DATASETS = {
     "digits": "load_digits",
     "iris": "load_iris",
@@ -28,20 +39,58 @@ SKLEARN_DATASETS = {
     "breast_cancer": "load_breast_cancer",
     "diabetes": "load_diabetes",
 }
+# Bundled datasets whose rows are images flattened in C-H-W order (their columns stay standardised).
+SKLEARN_IMAGE_SHAPES = {"digits": (1, 8, 8)}
 # An integer target with at most this many distinct values is taken as class labels (task: auto).
 MAX_CLASSES_FOR_INTEGER_TARGET = 20
+TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Pillow modes with one channel: a folder of only these loads as grayscale (L), anything else as RGB.
+_GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+# An image folder is held in memory as float32; past this, refuse with a hint rather than exhaust memory.
+MAX_IMAGE_BYTES = 4 << 30
 
 
 @dataclass
 class PreparedData:
     """The dataset trainers see, and what an exported model needs to take raw rows."""
 
-    dataset: Dataset
-    preprocessor: ColumnTransformer
+    dataset: Dataset  # fold 1's with data.validation.folds
+    preprocessor: ColumnTransformer  # fitted on ``dataset``'s training rows: the one exported with the model
     columns: list[str]
     dtypes: dict[str, str]
     example: pd.DataFrame  # a few raw validation rows: the input example of the exported model
     raw_val: pd.DataFrame
+    folds: list[Dataset] | None = None  # k-fold: every fold, the first being ``dataset``
+
+    @property
+    def trainer_data(self) -> Dataset | list[Dataset]:
+        """What a trial receives from the backend: the dataset, or the list of folds to train one by one."""
+        return self.folds if self.folds else self.dataset
+
+
+@dataclass
+class _Table:
+    """Raw features and encoded targets, before any split."""
+
+    X: pd.DataFrame
+    y: np.ndarray
+    task: str
+    classes: list[Any]
+    target: str
+    image_shape: tuple[int, int, int] | None = None
+    passthrough: bool = False  # image folders: pixels are already in [0, 1], nothing to learn from them
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def source_path(source: str, base_dir: Path | None = None) -> Path:
+    """A file or folder source, resolved against ``base_dir`` (the spec file's directory) when relative."""
+    path = Path(source).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return path
 
 
 def load_frame(source: str, base_dir: Path | None = None) -> tuple[pd.DataFrame, str | None]:
@@ -58,32 +107,131 @@ def load_frame(source: str, base_dir: Path | None = None) -> tuple[pd.DataFrame,
 
         bunch = getattr(sklearn.datasets, SKLEARN_DATASETS[name])(as_frame=True)
         return bunch.frame, "target"
-    path = Path(source)
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
-    if not path.is_file():
-        raise DataError(f"data.source: file not found: {path}")
-    suffix = path.suffix.lower()
+    path = source_path(source, base_dir)
+    if not path.exists():
+        raise DataError(f"data.source: file not found: {path}; check the path (a relative path is read from the "
+                        "spec file's folder)")
+    if path.is_dir():  # prepare() reads image folders before it gets here; other callers take tables only
+        raise DataError(f"data.source: {path.name} is a folder, not a CSV or Parquet file")
+    kind = TABLE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"data.source: {path.name} is neither CSV nor Parquet; use a .csv, .parquet or .pq file, "
+                        "a folder of images (one subfolder per class) or sklearn:<name>")
+    if path.stat().st_size == 0:
+        raise DataError(f"data.source: {path.name} is empty; it needs a header line and at least one row")
     try:
-        if suffix == ".csv":
-            frame = pd.read_csv(path)
-        elif suffix in (".parquet", ".pq"):
-            frame = pd.read_parquet(path)
-        else:
-            raise DataError(f"data.source: {path.name} is neither .csv nor .parquet")
-    except DataError:
-        raise
+        frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
     except pd.errors.EmptyDataError:
-        raise DataError(f"data.source: {path.name} is empty") from None
+        raise DataError(f"data.source: {path.name} is empty; it needs a header line and at least one row") from None
     except Exception as exc:  # pandas and pyarrow raise many types for unreadable files
-        raise DataError(f"data.source: cannot read {path.name}: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"data.source: cannot read {path.name} as {kind.upper()}: {_first_line(exc)}") from None
     if frame.empty:
-        raise DataError(f"data.source: {path.name} has no rows")
+        raise DataError(f"data.source: {path.name} has no rows; it needs at least one row below the header")
     return frame, None
 
 
+def load_image_folder(path: Path) -> tuple[np.ndarray, list[str], tuple[int, int, int]]:
+    """A folder with one subfolder per class -> (pixels, labels, (C, H, W)).
+
+    Images are converted to one mode (``L`` if every image is grayscale, else ``RGB``) and one size (the most
+    common; others are resized, bilinear), scaled to [0, 1] and flattened in C-H-W order as float32 rows.
+    Files that are not images (by suffix) and hidden files are ignored; unreadable images are skipped with a
+    warning. Subfolders of a class folder belong to that class.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    unreadable = (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
+    class_dirs = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                        key=lambda d: d.name)
+    if len(class_dirs) < 2:
+        found = f" ({class_dirs[0].name})" if class_dirs else ""
+        raise DataError(f"data.source: image folder {path.name} has {len(class_dirs)} class subfolder{found}; "
+                        "it needs one subfolder of images per class, at least two")
+    # Pass 1 reads headers only (Pillow decodes lazily): the common mode and size, before any pixel is decoded.
+    files: list[tuple[Path, str]] = []
+    sizes: Counter[tuple[int, int]] = Counter()
+    gray = True
+    skipped = 0
+    for d in class_dirs:
+        count = 0
+        for file in _image_files(d):
+            try:
+                with Image.open(file) as im:
+                    size, mode = im.size, im.mode
+            except unreadable:
+                skipped += 1
+                continue
+            files.append((file, d.name))
+            sizes[size] += 1
+            gray = gray and mode in _GRAY_MODES
+            count += 1
+        if count == 0:
+            raise _no_images(d)
+    (width, height), _ = sizes.most_common(1)[0]
+    mode = "L" if gray else "RGB"
+    shape = (1 if gray else 3, height, width)
+    n_pixels = shape[0] * height * width
+    if len(files) * n_pixels * 4 > MAX_IMAGE_BYTES:
+        raise DataError(f"data.source: {len(files)} images of {width}x{height} would take "
+                        f"{len(files) * n_pixels * 4 / 2**30:.1f} GiB in memory; resize them to a smaller size "
+                        "beforehand")
+    # Pass 2 decodes straight into one preallocated array.
+    X = np.empty((len(files), n_pixels), dtype=np.float32)
+    keep = np.ones(len(files), dtype=bool)
+    for i, (file, _) in enumerate(files):
+        try:
+            with Image.open(file) as im:
+                X[i] = _pixels(im, mode, (width, height)).ravel()
+        except unreadable:
+            keep[i] = False
+            skipped += 1
+    labels = [label for (_, label), ok in zip(files, keep, strict=True) if ok]
+    for d in class_dirs:
+        if d.name not in labels:
+            raise _no_images(d)
+    if skipped:
+        log.warning("data.source: skipped %d unreadable image file(s) in %s", skipped, path)
+    resized = sum(n for size, n in sizes.items() if size != (width, height))
+    if resized:
+        log.warning("data.source: resized %d image(s) to the most common size, %dx%d", resized, width, height)
+    return (X if keep.all() else X[keep]), labels, shape
+
+
+def _image_files(folder: Path) -> Iterator[Path]:
+    for file in sorted(folder.rglob("*")):
+        hidden = any(part.startswith(".") for part in file.relative_to(folder).parts)  # .ipynb_checkpoints/...
+        if file.suffix.lower() in IMAGE_SUFFIXES and not hidden and file.is_file():
+            yield file
+
+
+def _no_images(folder: Path) -> DataError:
+    return DataError(f"data.source: class folder {folder.parent.name}/{folder.name} has no readable images "
+                     f"({', '.join(IMAGE_SUFFIXES)}); add images or remove the folder")
+
+
+def _pixels(im: Any, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """One Pillow image -> (C, H, W) float32 in [0, 1]."""
+    from PIL import Image
+
+    scale = 255.0
+    if mode == "L" and im.mode.startswith("I;16"):
+        im = Image.fromarray(np.asarray(im, dtype=np.float32) / 65535.0)  # keep 16-bit precision (mode F)
+        scale = 1.0
+    else:
+        im = im.convert(mode)
+    if im.size != size:
+        im = im.resize(size, Image.Resampling.BILINEAR)
+    arr = np.asarray(im, dtype=np.float32) / scale
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+# --------------------------------------------------------------------------------------------- the task
+
+
 def infer_task(target: pd.Series) -> str:
-    """classification for text, boolean, categorical and integer targets with few values; else regression."""
+    """The rule of ``data.task: auto``: classification for text, boolean and categorical targets, and for
+    whole-number targets (``3`` or ``3.0``) with at most ``MAX_CLASSES_FOR_INTEGER_TARGET`` distinct values;
+    regression otherwise."""
     import pandas as pd
 
     if not (pd.api.types.is_numeric_dtype(target) and not pd.api.types.is_bool_dtype(target)):
@@ -95,66 +243,139 @@ def infer_task(target: pd.Series) -> str:
     return "regression"
 
 
-def prepare(spec: DataSpec, *, base_dir: Path | None = None, seed: int = 0) -> PreparedData:
-    """Load, split (stratified for classification) and preprocess the spec's data."""
-    import pandas as pd
-    from sklearn.model_selection import train_test_split
+def _encode_classes(y_raw: pd.Series, target: str) -> tuple[np.ndarray, list[Any]]:
+    classes = sorted(y_raw.unique().tolist(), key=lambda v: (str(type(v)), v))
+    if len(classes) < 2:
+        raise DataError(f"data.target: '{target}' has a single class ({classes[0]!r}); classification needs at "
+                        "least two: check the target column, or set data.task: regression for a number")
+    index = {c: i for i, c in enumerate(classes)}
+    return y_raw.map(index).to_numpy(dtype=np.int64), classes
 
+
+def _load_table(spec: DataSpec, base_dir: Path | None) -> _Table:
+    import pandas as pd
+
+    path = None if spec.source.startswith("sklearn:") else source_path(spec.source, base_dir)
+    if path is not None and path.is_dir():
+        return _image_table(spec, path)
     frame, own_target = load_frame(spec.source, base_dir)
+    where = path.name if path is not None else spec.source
     target = spec.target or own_target
     if target is None:
-        raise DataError("data.target: name the column to predict (data.target: <column>)")
+        raise DataError(f"data.target: name the column to predict (data.target: <column>); {where} has: "
+                        f"{_column_list(frame.columns)}")
     if target not in frame.columns:
-        columns = ", ".join(map(str, frame.columns[:20]))
-        raise DataError(f"data.target: column '{target}' not found; the columns are: {columns}")
+        raise DataError(f"data.target: column '{target}' not found in {where}; use one of: "
+                        f"{_column_list(frame.columns)}")
     frame = frame[frame[target].notna()]
+    if frame.empty:
+        raise DataError(f"data.target: column '{target}' has no values in {where}; pick the column to predict")
     y_raw = frame[target]
     X_raw = frame.drop(columns=[target])
     if X_raw.shape[1] == 0:
-        raise DataError("data.source: there are no feature columns besides the target")
+        raise DataError(f"data.source: {where} has no feature columns besides the target '{target}'")
     task = infer_task(y_raw) if spec.task == "auto" else spec.task
-
     classes: list[Any] = []
     if task == "classification":
-        classes = sorted(y_raw.unique().tolist(), key=lambda v: (str(type(v)), v))
-        if len(classes) < 2:
-            raise DataError(f"data.target: '{target}' has a single class ({classes[0]!r}); nothing to learn")
-        index = {c: i for i, c in enumerate(classes)}
-        y = y_raw.map(index).to_numpy(dtype=np.int64)
+        y, classes = _encode_classes(y_raw, str(target))
     else:
         if not pd.api.types.is_numeric_dtype(y_raw) or pd.api.types.is_bool_dtype(y_raw):
-            raise DataError(f"data.target: regression needs a numeric target; '{target}' is {y_raw.dtype}")
+            raise DataError(f"data.target: regression needs a numeric target and '{target}' is {y_raw.dtype}; "
+                            "set data.task: classification or pick a numeric column")
         y = y_raw.to_numpy(dtype=np.float32)
+    shape = SKLEARN_IMAGE_SHAPES.get(spec.source.removeprefix("sklearn:")) if path is None else None
+    return _Table(X=X_raw, y=y, task=task, classes=classes, target=str(target), image_shape=shape)
 
-    stratify = y if (task == "classification" and spec.validation.stratify) else None
-    try:
-        X_tr, X_va, y_tr, y_va = train_test_split(
-            X_raw, y, test_size=spec.validation.fraction, random_state=seed, stratify=stratify
-        )
-    except ValueError as exc:
-        raise DataError(f"data.validation: cannot split the data: {exc}") from None
 
-    pre = make_preprocessor(X_tr)
-    Xt = pre.fit_transform(X_tr).astype(np.float32)
-    Xv = pre.transform(X_va).astype(np.float32)
-    dataset = Dataset(
-        task=task,
-        X_train=np.ascontiguousarray(Xt),
-        y_train=y_tr,
-        X_val=np.ascontiguousarray(Xv),
-        y_val=y_va,
-        feature_names=[str(n) for n in pre.get_feature_names_out()],
-        classes=[_plain(c) for c in classes],
-        target=str(target),
-    )
+def _image_table(spec: DataSpec, path: Path) -> _Table:
+    import pandas as pd
+
+    if spec.task == "regression":
+        raise DataError("data.task: an image folder is a classification task (one subfolder per class); remove "
+                        "data.task: regression")
+    pixels, labels, shape = load_image_folder(path)
+    X = pd.DataFrame(pixels, columns=[f"px_{i}" for i in range(pixels.shape[1])], copy=False)
+    y, classes = _encode_classes(pd.Series(labels), spec.target or "label")
+    return _Table(X=X, y=y, task="classification", classes=classes, target=spec.target or "label",
+                  image_shape=shape, passthrough=True)
+
+
+def _column_list(columns: pd.Index, limit: int = 20) -> str:
+    names = [str(c) for c in columns[:limit]]
+    more = f" (and {len(columns) - limit} more)" if len(columns) > limit else ""
+    return ", ".join(names) + more
+
+
+# --------------------------------------------------------------------------------------------- splitting
+
+
+def prepare(spec: DataSpec, *, base_dir: Path | None = None, seed: int = 0) -> PreparedData:
+    """Load, split (stratified for classification) and preprocess the spec's data.
+
+    ``data.validation.folds: k`` gives k folds, each with its own preprocessing fitted on its training part;
+    otherwise one train/validation split of ``fraction``.
+    """
+    table = _load_table(spec, base_dir)
+    splits = _splits(table, spec, seed)
+    datasets: list[Dataset] = []
+    exported: tuple[ColumnTransformer, pd.DataFrame] | None = None  # fold 1's preprocessor and raw rows
+    for train_idx, val_idx in splits:
+        X_tr, X_va = table.X.iloc[train_idx], table.X.iloc[val_idx]
+        pre = passthrough_preprocessor(X_tr) if table.passthrough else make_preprocessor(X_tr)
+        Xt = pre.fit_transform(X_tr).astype(np.float32, copy=False)
+        Xv = pre.transform(X_va).astype(np.float32, copy=False)
+        datasets.append(Dataset(
+            task=table.task,
+            X_train=np.ascontiguousarray(Xt),
+            y_train=table.y[train_idx],
+            X_val=np.ascontiguousarray(Xv),
+            y_val=table.y[val_idx],
+            feature_names=[str(n) for n in pre.get_feature_names_out()],
+            classes=[_plain(c) for c in table.classes],
+            target=table.target,
+            image_shape=table.image_shape,
+        ))
+        exported = exported or (pre, X_va)
+    if exported is None:  # unreachable: _splits gives one split or at least two folds
+        raise DataError("data.validation: the data gave no split")
+    pre, X_va = exported
     return PreparedData(
-        dataset=dataset,
+        dataset=datasets[0],
         preprocessor=pre,
-        columns=[str(c) for c in X_raw.columns],
-        dtypes={str(c): str(t) for c, t in X_raw.dtypes.items()},
+        columns=[str(c) for c in table.X.columns],
+        dtypes={str(c): str(t) for c, t in table.X.dtypes.items()},
         example=X_va.head(5),
         raw_val=X_va,
+        folds=datasets if spec.validation.folds else None,
     )
+
+
+def _splits(table: _Table, spec: DataSpec, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Row indices of (train, validation): one split of ``fraction``, or one pair per fold."""
+    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+
+    n = len(table.y)
+    stratified = table.task == "classification" and spec.validation.stratify
+    folds = spec.validation.folds
+    if folds:
+        splitter = (StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed) if stratified
+                    else KFold(n_splits=folds, shuffle=True, random_state=seed))
+        try:
+            return list(splitter.split(np.zeros((n, 1)), table.y))
+        except ValueError as exc:
+            raise DataError(f"data.validation.folds: cannot split {n} rows into {folds} folds ({_first_line(exc)}); "
+                            "use fewer folds") from None
+    try:
+        # Splitting row numbers gives exactly the rows train_test_split(X, y) would: same permutation.
+        train_idx, val_idx = train_test_split(np.arange(n), test_size=spec.validation.fraction, random_state=seed,
+                                              stratify=table.y if stratified else None)
+    except ValueError as exc:
+        fix = "; set data.validation.stratify: false or drop the rare classes" if stratified else ""
+        raise DataError(f"data.validation: cannot split the data: {_first_line(exc)}{fix}") from None
+    return [(train_idx, val_idx)]
+
+
+# --------------------------------------------------------------------------------------------- preprocessing
 
 
 def make_preprocessor(X: pd.DataFrame) -> ColumnTransformer:
@@ -181,6 +402,20 @@ def make_preprocessor(X: pd.DataFrame) -> ColumnTransformer:
     return ColumnTransformer(steps, remainder="drop", sparse_threshold=0.0, verbose_feature_names_out=False)
 
 
+def passthrough_preprocessor(X: pd.DataFrame) -> ColumnTransformer:
+    """Image pixels, already scaled to [0, 1]: passed through unchanged, so that every bundle has a
+    preprocessor that selects and orders its input columns (``px_0``, ``px_1``, ...) the same way."""
+    from sklearn.compose import ColumnTransformer
+
+    return ColumnTransformer([("pixels", "passthrough", list(X.columns))], remainder="drop", sparse_threshold=0.0,
+                             verbose_feature_names_out=False)
+
+
 def _plain(value: Any) -> Any:
     """numpy scalars -> Python scalars, so classes serialise to JSON and compare equal after a round trip."""
     return value.item() if isinstance(value, np.generic) else value
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
