@@ -125,8 +125,20 @@ def _load_model(loader: str, model_dir: Path) -> Any:
     return obj.load(model_dir)
 
 
-class ModelBundle:
-    """A loaded bundle: ``predict`` and ``predict_proba`` on a pandas frame of raw rows."""
+def check_columns(present: Any, columns: list[str]) -> None:
+    """The one message for rows that lack a column the model takes (every kind of model says the same)."""
+    have = set(present)
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise ExportError(
+            f"input is missing column(s) {', '.join(missing)}; the model takes: {', '.join(columns)}"
+        )
+
+
+class Preprocessing:
+    """The manifest and the fitted preprocessor of a bundle or an export: raw rows in, the feature matrix the
+    model was trained on out, and class indices back to the original labels. Model bundles and ONNX /
+    TorchScript exports (automl.portable) share it, so every kind of model takes raw rows the same way."""
 
     def __init__(self, path: Path) -> None:
         path = Path(path)
@@ -136,7 +148,6 @@ class ModelBundle:
         self.path = path
         self.manifest: dict[str, Any] = json.loads(manifest_file.read_text())
         self.preprocessor = _load_skops(path / PREPROCESSOR) if (path / PREPROCESSOR).is_file() else None
-        self.model = _load_model(self.manifest["model"]["loader"], path / "model")
 
     @property
     def columns(self) -> list[str]:
@@ -154,11 +165,7 @@ class ModelBundle:
         """Raw rows -> the feature matrix the model was trained on; a missing column is an ``ExportError``."""
         if self.preprocessor is None:
             return frame.to_numpy()
-        missing = [c for c in self.columns if c not in frame.columns]
-        if missing:
-            raise ExportError(
-                f"input is missing column(s) {', '.join(missing)}; the model takes: {', '.join(self.columns)}"
-            )
+        check_columns(frame.columns, self.columns)
         rows = frame[self.columns].copy()
         for column, dtype in self.manifest.get("dtypes", {}).items():
             if dtype.startswith(("float", "int")) and rows[column].dtype == object:
@@ -167,15 +174,26 @@ class ModelBundle:
                 rows[column] = pd.to_numeric(rows[column], errors="coerce")
         return np.asarray(self.preprocessor.transform(rows), dtype=np.float32)
 
+    def labels(self, indices: np.ndarray) -> np.ndarray:
+        """Class indices -> the original class values (unchanged when the manifest names no classes)."""
+        if self.task == "classification" and self.classes:
+            return np.asarray(self.classes, dtype=object)[np.asarray(indices).astype(np.int64)]
+        return np.asarray(indices)
+
+
+class ModelBundle(Preprocessing):
+    """A loaded bundle: ``predict`` and ``predict_proba`` on a pandas frame of raw rows."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.model = _load_model(self.manifest["model"]["loader"], self.path / "model")
+
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """Labels (the original class values) for classification; values for regression."""
         raw = np.asarray(self.model.predict(self.features(frame)))
-        if self.task == "classification" and self.classes:
-            return np.asarray(self.classes, dtype=object)[raw.astype(np.int64)]
-        return raw
+        return self.labels(raw) if self.task == "classification" else raw
 
     def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
         if self.task != "classification":
             raise ExportError("predict_proba: the model is a regression model")
         return np.asarray(self.model.predict_proba(self.features(frame)))
-

@@ -30,9 +30,12 @@ def log_summary(client: MlflowClient, run_id: str, study: optuna.Study, board: p
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if len(complete) < 2:
         return written
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg")  # files only, never a window
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # files only, never a window; a notebook's own backend is left as it is
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis
 
@@ -49,14 +52,15 @@ def log_summary(client: MlflowClient, run_id: str, study: optuna.Study, board: p
         plots = {"pareto_front": lambda: vis.plot_pareto_front(study, target_names=names)}
     for name, draw in plots.items():
         try:
-            with warnings.catch_warnings():
+            # rc_context undoes the plt.style.use("ggplot") that Optuna's plot functions apply globally.
+            with warnings.catch_warnings(), matplotlib.rc_context():
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
                 ax = draw()
-            figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            figure.set_size_inches(9, 5.5)
-            figure.tight_layout()
-            client.log_figure(run_id, figure, f"{PLOTS_DIR}/{name}.png")
-            plt.close(figure)
+                figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                figure.set_size_inches(9, 5.5)
+                figure.tight_layout()
+                client.log_figure(run_id, figure, f"{PLOTS_DIR}/{name}.png")
+                plt.close(figure)
             written.append(f"{PLOTS_DIR}/{name}.png")
         except Exception as exc:  # a plot is a convenience; the sweep's record must not depend on it
             log.info("plot %s skipped: %s", name, exc)
