@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from automl.errors import AutoMLError, TrainerError
+from automl.errors import AutoMLError, TrainerError, UsageError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -73,7 +73,8 @@ def _friendly(func: F) -> F:
 @app.command()
 @_friendly
 def run(
-    spec: Annotated[Path, typer.Argument(help="The spec file (YAML).")],
+    spec: Annotated[Path | None, typer.Argument(help="The spec file (YAML). Leave it out for AutoML mode: "
+                                                     "--data FILE --target COLUMN.")] = None,
     trials: Annotated[int | None, typer.Option(help="Override budget.trials.")] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Override budget.max_concurrent.")] = None,
     method: Annotated[str | None, typer.Option(help="Override method (grid, random, bayesian, ...).")] = None,
@@ -87,13 +88,26 @@ def run(
     target: TargetOpt = None,
     metric: MetricOpt = None,
     storage: StorageOpt = None,
+    print_spec: Annotated[bool, typer.Option("--print-spec", help="AutoML mode: print the spec it would run "
+                                                                  "(save it, edit it, run it) and exit.")] = False,
 ) -> None:
-    """Run a sweep: live progress, then the leaderboard and the best trial. Also takes W&B, NNI and Katib files."""
+    """Run a sweep: live progress, then the leaderboard and the best trial. Also takes W&B, NNI and Katib files.
+
+    Without a spec file, AutoML mode: `automl run --data FILE --target COL [--time 5m] [--metric NAME]` infers
+    the task and searches model families (neural network and scikit-learn models) and their hyperparameters.
+    """
     from automl.importers import import_file, option_overrides
     from automl.orchestrator import Sweep
 
     overrides = {"budget.trials": trials, "budget.max_concurrent": max_concurrent, "method": method,
                  "seed": seed, "budget.time": time_budget}
+    if spec is None:
+        _run_automl(data_source, target, time_budget=time_budget, metric=metric, seed=seed, trainer=trainer,
+                    print_spec=print_spec, overrides=overrides, tracking_uri=tracking_uri, address=address,
+                    storage=storage)
+        return
+    if print_spec:
+        raise UsageError("--print-spec: prints the spec of AutoML mode; use it with --data and no spec file")
     imported = import_file(spec, trainer=trainer, data=data_source, target=target, metric=metric)
     if imported.format == "automl":
         overrides.update(option_overrides(trainer=trainer, data=data_source, target=target, metric=metric))
@@ -114,6 +128,57 @@ def run(
     with _Progress(total, sweep.spec.metric_name, sweep.spec.direction) as progress:
         result = sweep.run(on_event=progress.on_event)
     _print_result(result)
+
+
+def _run_automl(data_source: str | None, target: str | None, *, time_budget: str | None, metric: str | None,
+                seed: int | None, trainer: str | None, print_spec: bool, overrides: dict[str, Any],
+                tracking_uri: str | None, address: str | None, storage: str | None) -> None:
+    import yaml
+
+    from automl.orchestrator import Sweep
+    from automl.quick import automl_spec
+    from automl.spec import spec_from_dict
+
+    if data_source is None:
+        raise UsageError("run: give a spec file, or --data FILE --target COLUMN for AutoML mode")
+    if trainer is not None:
+        raise UsageError("--trainer: AutoML mode searches every model; to tune one trainer, write a spec "
+                         "(automl run --data ... --print-spec > spec.yaml, then edit it)")
+    raw = automl_spec(data_source, target, time=time_budget, metric=metric, seed=seed or 0, base_dir=Path.cwd())
+    text = yaml.safe_dump(raw, sort_keys=False, default_flow_style=None)  # one line per parameter
+    spec = spec_from_dict(raw, overrides={k: v for k, v in overrides.items() if v is not None})
+    if print_spec:
+        print(text, end="")
+        return
+    sweep = Sweep(spec, base_dir=Path.cwd(), spec_text=text, tracking_uri=tracking_uri, address=address,
+                  storage=storage)
+    models = raw["parameters"]["model"]["choices"]
+    console.print(f"[bold]{spec.name}[/bold] (AutoML mode): {spec.data.task if spec.data else ''} on "
+                  f"{data_source}, models {', '.join(models)}; optimising {spec.metric_name} "
+                  f"({spec.direction}) for {spec.budget.time:.0f}s", highlight=False)
+    with _Progress(sweep.planned_trials(), spec.metric_name, spec.direction) as progress:
+        result = sweep.run(on_event=progress.on_event)
+    _print_per_model(result)
+    _print_result(result, params=False)  # each model's parameters are in the table above
+
+
+def _print_per_model(result: SweepResult) -> None:
+    from rich.table import Table
+
+    from automl.quick import best_per_model, own_params
+
+    table = Table(title=f"best trial per model: {result.sweep_id}")
+    for col in ("model", "trial", result.metric, "trials", "seconds", "params"):
+        table.add_column(col, justify="left" if col in ("model", "params") else "right")
+    counts: dict[str, int] = {}
+    for t in result.trials:
+        model = str(t.params.get("model"))
+        counts[model] = counts.get(model, 0) + 1
+    for t in best_per_model(result):
+        model = str(t.params.get("model"))
+        params = ", ".join(f"{k}={_cell(v)}" for k, v in own_params(t).items())
+        table.add_row(model, str(t.number), _cell(t.value), str(counts[model]), f"{t.seconds:.2f}", params)
+    console.print(table)
 
 
 class _Progress:
@@ -160,12 +225,16 @@ class _Progress:
             print(f"[{time.perf_counter() - self.start:7.1f}s] {line}", flush=True)
 
 
-def _print_result(result: SweepResult) -> None:
+def _print_result(result: SweepResult, *, params: bool = True) -> None:
     from rich.table import Table
 
     board = result.leaderboard(top=10)
     table = Table(title=f"leaderboard: {result.sweep_id} (top {len(board)} of {len(result.trials)})")
     hidden = {"run_id"}
+    if not params:  # AutoML mode: the model's name only, not every model's parameter columns
+        from automl.trainer import MODEL_PARAM_SEPARATOR
+
+        hidden |= {c for c in board.columns if MODEL_PARAM_SEPARATOR in str(c)}
     for col in board.columns:
         if col not in hidden:
             table.add_column(str(col), justify="right" if col != "state" else "left")
@@ -311,18 +380,21 @@ def schema() -> None:
 @app.command()
 @_friendly
 def export(
-    sweep: Annotated[str, typer.Argument(help="Sweep name or id, or a runs:/ or models:/ URI.")],
+    sweep: Annotated[str, typer.Argument(help="Sweep name or id, a runs:/ or models:/ URI, or an MLflow model "
+                                              "directory (an mlflow export).")],
     out: Annotated[Path, typer.Option(help="Directory to write (must not exist or be empty).")],
-    format: Annotated[str, typer.Option(help="mlflow, onnx or torchscript.")] = "mlflow",
+    format: Annotated[str, typer.Option(help="mlflow (the pyfunc model), onnx or torchscript (the torch network; "
+                                             "preprocessing and manifest travel with it).")] = "mlflow",
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Write the best model of a sweep (or any automl model URI) to a directory."""
+    """Write the best model of a sweep (or any automl model URI) to a directory; onnx and torchscript exports are
+    checked against the MLflow model before they are written."""
     from automl.export import export_model
     from automl.orchestrator import find_sweep
     from automl.tracking import TAG_BEST_URI, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    if sweep.startswith(("runs:/", "models:/")):
+    if sweep.startswith(("runs:/", "models:/")) or Path(sweep, "MLmodel").is_file():
         model_uri = sweep
     else:
         found = find_sweep(sweep, uri)
@@ -336,7 +408,8 @@ def export(
 @app.command()
 @_friendly
 def predict(
-    model: Annotated[str, typer.Argument(help="An exported model directory, or a runs:/ or models:/ URI.")],
+    model: Annotated[str, typer.Argument(help="An exported model directory (mlflow, onnx or torchscript), or a "
+                                              "runs:/ or models:/ URI.")],
     data: Annotated[Path, typer.Argument(help="CSV of raw rows with the original columns.")],
     out: Annotated[Path | None, typer.Option(help="Write the rows with a prediction column here (CSV); "
                                                   "default: print the predictions.")] = None,
@@ -348,7 +421,8 @@ def predict(
     from automl.tracking import resolve_tracking_uri
 
     frame, _ = load_frame(str(data))
-    uri = resolve_tracking_uri(tracking_uri) if "://" in model else None
+    is_uri = model.startswith(("runs:/", "models:/")) or "://" in model  # runs:/ and models:/ have one slash
+    uri = resolve_tracking_uri(tracking_uri) if is_uri else None
     result = do_predict(model, frame, tracking_uri=uri)
     if out is None:
         result[["prediction"]].to_csv(sys.stdout, index=False)

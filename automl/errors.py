@@ -42,3 +42,7 @@ class SweepNotFoundError(AutoMLError):
 
 class ExportError(AutoMLError):
     """A model cannot be exported, loaded or used for prediction."""
+
+
+class UsageError(AutoMLError):
+    """A command's arguments do not fit together (e.g. neither a spec file nor --data given to ``run``)."""

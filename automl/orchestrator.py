@@ -336,7 +336,7 @@ class _SweepRun:
         sampler = make_sampler(spec.method, self.sweep.space, seed, **shape)
         self.sampler_name = sampler_name(spec.method, self.sweep.space, **shape)
         pruner = make_pruner(spec.early_stopping, spec.fixed)
-        self.tracker = SweepTracker(self.sweep.tracking_uri)
+        self.tracker = SweepTracker(self.sweep.tracking_uri, trials=self.spec.tracking.trials)
         backend: RayBackend | None = None
         try:
             with ThreadPoolExecutor(max_workers=3, thread_name_prefix="automl-start") as pool:
@@ -461,7 +461,7 @@ class _SweepRun:
             slots = max(1, min(by_cpu, by_gpu))
         slots = max(1, min(slots, self.sweep.planned_trials()))
         return RayBackend(self.sweep.trainer, slots=slots, cpu=res.cpu, gpu=res.gpu,
-                          data=prepared.dataset if prepared else None)
+                          data=prepared.trainer_data if prepared else None)  # k-fold: the list of folds
 
     def _create_study(self, sampler: Any, pruner: Any) -> tuple[Path, optuna.Study]:
         import optuna
@@ -489,6 +489,10 @@ class _SweepRun:
         study = optuna.create_study(storage=self._storage(folder), sampler=sampler, pruner=pruner,
                                     study_name=self.sweep_id,
                                     directions=[m.goal or "maximize" for m in self.objectives])
+        for point in self.spec.points_to_evaluate:
+            # Stored in the study as WAITING trials: study.ask() hands them out first, and a resume finds
+            # those not yet run still waiting.
+            study.enqueue_trial(point, skip_if_exists=False)
         return folder, study
 
     def _open_tracking(self, slots: int) -> None:
@@ -767,9 +771,15 @@ class _SweepRun:
                 if self.spec.tracking.register_as:
                     from automl.export import register_champion
 
-                    register_champion(self.tracker.client, self.spec.tracking.register_as, self.model_uri,
-                                      run_id=self.tracker.parent_run_id, metric=self.metric, goal=self.goal,
-                                      value=best.value)
+                    try:
+                        register_champion(self.tracker.client, self.spec.tracking.register_as, self.model_uri,
+                                          run_id=self.tracker.parent_run_id, metric=self.metric, goal=self.goal,
+                                          value=best.value)
+                    except AutoMLError as exc:
+                        # The sweep itself succeeded and its record must still be closed: a registry refusal
+                        # (permissions, a server down) is a warning and a tag, never a parent left RUNNING.
+                        log.warning("%s", exc)
+                        tags["automl.register_error"] = str(exc)
         self._log_summary()
         self.tracker.finish(status, params=params, metrics=metrics, tags=tags)
         self.state.status = status

@@ -83,6 +83,27 @@ class SearchSpace:
         _suggest_into(trial, self.parameters, values)
         return values
 
+    def check_point(self, point: Mapping[str, Any], path: str) -> None:
+        """A configuration to try first (``points_to_evaluate``): known names, values inside their ranges.
+
+        A point may leave parameters out; the sampler proposes those. ``FieldError`` names the first problem.
+        """
+        params = dict(_walk(self.parameters))
+        for name, value in point.items():
+            param = params.get(name)
+            here = f"{path}.{name}"
+            if param is None:
+                raise FieldError(here, f"is not a parameter of this spec; use one of {', '.join(params)}")
+            if isinstance(param, CategoricalParam):
+                if value not in param.choices:
+                    raise FieldError(here, f"must be one of {param.choices} (got {value!r})")
+            elif isinstance(value, bool) or not isinstance(value, int | float):
+                raise FieldError(here, f"must be a number (got {value!r})")
+            elif isinstance(param, IntParam) and value != int(value):
+                raise FieldError(here, f"must be an integer (got {value!r})")
+            elif not param.low <= value <= param.high:
+                raise FieldError(here, f"must be within [{param.low}, {param.high}] (got {value!r})")
+
     # ------------------------------------------------------------------ grid
 
     def grid_size(self) -> int:

@@ -151,8 +151,12 @@ def _check_bounds(low: float, high: float, log: bool, step: float | None) -> Non
 
 
 class ValidationSplit(_Model):
+    """One train/validation split of ``fraction``, or k-fold cross-validation when ``folds`` is set (then
+    ``fraction`` is not used); stratified by class for classification unless ``stratify`` is false."""
+
     fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     stratify: bool = True
+    folds: int | None = Field(default=None, ge=2)
 
 
 class DataSpec(_Model):
@@ -242,6 +246,17 @@ class ResourcesSpec(_Model):
 class TrackingSpec(_Model):
     experiment: str | None = None
     register_as: str | None = None
+    # false: only the sweep's parent run is written (summary, leaderboard, best model), no child run per trial;
+    # for sweeps of thousands of cheap trials, where MLflow's client is most of the per-trial cost.
+    trials: bool = True
+
+    @field_validator("register_as")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        # The name goes into models:/NAME@champion URIs, where '/', '@' and ':' would be read as separators.
+        if value is not None and not _NAME.match(value):
+            raise ValueError(f"must use only letters, digits, '-', '_' and '.' (got {value!r})")
+        return value
 
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -264,6 +279,9 @@ class Spec(_Model):
     seed: int = 0
     fixed: dict[str, Any] = Field(default_factory=dict)
     parameters: dict[str, Parameter] = Field(min_length=1)
+    # Configurations tried first, in order (Ray Tune's name; Optuna's enqueue_trial): known-good defaults, or
+    # last sweep's best. A point may leave parameters out; the method proposes those.
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("name")
@@ -281,6 +299,11 @@ class Spec(_Model):
         clash = sorted(set(space.all_names()) & set(self.fixed))
         if clash:
             raise FieldError("fixed", f"'{clash[0]}' is both fixed and searched; keep it in one place")
+        if self.points_to_evaluate and self.method == "grid":
+            raise FieldError("points_to_evaluate", "a grid runs every point of the grid already; remove "
+                             "points_to_evaluate or use another method")
+        for i, point in enumerate(self.points_to_evaluate):
+            space.check_point(point, f"points_to_evaluate.{i}")
         from automl.samplers import check_method
 
         objectives = self.objectives
@@ -290,6 +313,11 @@ class Spec(_Model):
         if len(set(names)) != len(names):
             raise FieldError("metric", f"names a metric twice ({names})")
         check_method(self.method, space, objectives=len(objectives))  # refused now, not mid-sweep
+        if self.data is not None and self.data.validation.folds and self.early_stopping.method != "none":
+            # A k-fold trial reports once all its folds are trained: there are no intermediate steps to prune.
+            raise FieldError("early_stopping", f"cannot stop k-fold trials early (data.validation.folds: "
+                             f"{self.data.validation.folds}); use early_stopping: none or remove "
+                             "data.validation.folds")
         if len(objectives) > 1 and self.early_stopping.method != "none":
             raise FieldError("early_stopping", "needs a single metric to compare trials by; use early_stopping: none "
                              "with several metrics")

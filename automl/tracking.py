@@ -133,14 +133,15 @@ class SweepTracker:
     user's script that calls ``Sweep.run()`` without an ``if __name__ == "__main__"`` guard.
     """
 
-    def __init__(self, tracking_uri: str) -> None:
+    def __init__(self, tracking_uri: str, *, trials: bool = True) -> None:
         """Start the writer process now (it imports MLflow, ~2 s of CPU, while the sweep starts up);
-        it writes nothing until ``open`` names the parent run."""
+        it writes nothing until ``open`` names the parent run. ``trials=False`` writes no child runs."""
         import subprocess
         import sys
         import threading
 
         self.tracking_uri = tracking_uri
+        self.trials = trials
         self.experiment_id = ""
         self.parent_run_id = ""
         self._run_ids: dict[int, str] = {}
@@ -221,13 +222,19 @@ class SweepTracker:
     # -------------------------------------------------------------- trials (non-blocking)
 
     def trial_started(self, number: int, params: dict[str, Any], tags: dict[str, str]) -> None:
+        if not self.trials:
+            return
         self._send(["start", number, [{k: _param_text(v) for k, v in params.items()}, tags, _now_ms()]])
 
     def trial_reported(self, number: int, step: int, metrics: dict[str, float]) -> None:
+        if not self.trials:
+            return
         self._send(["report", number, [step, metrics, _now_ms()]])
 
     def trial_finished(self, number: int, state: str, tags: dict[str, str],
                        artifacts: Iterable[tuple[str, str]] = ()) -> None:
+        if not self.trials:
+            return
         self._send(["end", number, [state, tags, [list(a) for a in artifacts], _now_ms()]])
 
     def run_id_of(self, number: int) -> str | None:
@@ -247,7 +254,11 @@ class SweepTracker:
 
     def close(self) -> None:
         try:
-            if self._proc.poll() is None:
+            if not self.parent_run_id:
+                # Never opened (bad data, a trainer that failed to load): the writer has written nothing and
+                # would exit on a flush without replying; do not wait for its MLflow import either.
+                self._proc.kill()
+            elif self._proc.poll() is None:
                 self.flush()
         finally:
             if self._proc.stdin is not None and not self._proc.stdin.closed:

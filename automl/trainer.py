@@ -44,7 +44,18 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "automl.trainers"
-BUILTIN_TRAINERS = {"mlp": "trainers.mlp:MLPTrainer"}
+# AutoML mode names each model's parameters <model>__<param>, as scikit-learn pipelines name their steps'.
+MODEL_PARAM_SEPARATOR = "__"
+BUILTIN_TRAINERS = {
+    "mlp": "trainers.mlp:MLPTrainer",
+    "cnn": "trainers.cnn:CNNTrainer",
+    "hist_gradient_boosting": "trainers.sklearn_models:HistGradientBoostingTrainer",
+    "random_forest": "trainers.sklearn_models:RandomForestTrainer",
+    "logistic_regression": "trainers.sklearn_models:LogisticRegressionTrainer",
+    "ridge": "trainers.sklearn_models:RidgeTrainer",
+    "svm": "trainers.sklearn_models:SVMTrainer",
+    "auto": "trainers.auto:AutoTrainer",  # AutoML mode: a `model` parameter picks one of the trainers above
+}
 
 
 class StopTrial(BaseException):
@@ -130,6 +141,16 @@ class Trainer(ABC):
     @abstractmethod
     def fit(self, params: dict[str, Any], data: Dataset | None, report: Report) -> Any: ...
 
+    @classmethod
+    def search_space(cls, task: str, n_rows: int) -> dict[str, Any] | None:
+        """Optional: what AutoML mode searches for this trainer, or ``None`` when it does not suit ``task``
+        (classification or regression) or a table of ``n_rows`` rows (too slow).
+
+        Returns ``{"parameters": {...}, "fixed": {...}, "start": {...}}``: spec-format parameter definitions,
+        values passed unsearched, and a first configuration worth trying (the library's defaults).
+        """
+        return None
+
     def warmup(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Optional: called once per worker before its first trial (import libraries, initialise kernels),
         so that one-off start-up costs overlap the sweep's own start-up instead of the first trials."""
@@ -193,6 +214,19 @@ class TrainerRef:
 
     def load(self) -> Callable[[dict[str, Any], Dataset | None, Report], Any]:
         """Import the trainer and return its ``fit``-shaped callable."""
+        obj = self.load_object()
+        if inspect.isclass(obj):
+            if not callable(getattr(obj, "fit", None)):
+                raise TrainerError(f"trainer '{self.name}': class {obj.__name__} has no fit(params, data, report)")
+            instance: Any = obj()
+            fit: Callable[[dict[str, Any], Dataset | None, Report], Any] = instance.fit
+            return fit
+        if callable(obj):
+            return obj
+        raise TrainerError(f"trainer '{self.name}': {self.target} is neither a function nor a class")
+
+    def load_object(self) -> Any:
+        """Import the trainer's module and return the named function or class (not instantiated)."""
         module_name, _, attr = self.target.partition(":")
         if self.search_path and self.search_path not in sys.path:
             sys.path.insert(0, self.search_path)
@@ -203,15 +237,7 @@ class TrainerRef:
         obj = getattr(module, attr, None)
         if obj is None:
             raise TrainerError(f"trainer '{self.name}': module '{module_name}' has no attribute '{attr}'")
-        if inspect.isclass(obj):
-            if not callable(getattr(obj, "fit", None)):
-                raise TrainerError(f"trainer '{self.name}': class {attr} has no fit(params, data, report)")
-            instance: Any = obj()
-            fit: Callable[[dict[str, Any], Dataset | None, Report], Any] = instance.fit
-            return fit
-        if callable(obj):
-            return obj
-        raise TrainerError(f"trainer '{self.name}': {self.target} is neither a function nor a class")
+        return obj
 
 
 def registered_trainers() -> dict[str, str]:

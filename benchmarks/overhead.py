@@ -381,10 +381,12 @@ def automl_spec(workload: str, trials: int, trainer: str | None = None) -> dict[
     return spec
 
 
-def automl_sweep(m: Measurement, *, workdir: Path, trainer: str | None = None) -> None:
+def automl_sweep(m: Measurement, *, workdir: Path, trainer: str | None = None, trial_logging: bool = True) -> None:
     from automl import Sweep
 
     spec = automl_spec(m.workload, m.trials, trainer)
+    if not trial_logging:  # the parent run only: what MLflow's per-trial writes cost is the difference
+        spec["tracking"] = {"trials": False}
     start = time.perf_counter()
     m.call_began = time.time()
     result = Sweep.from_dict(spec, base_dir=HERE, workdir=workdir).run()
@@ -565,6 +567,19 @@ def budgets(automl: Row, mlp: Measurement | None) -> str:
             f"defines it): automl {efficiency}. {summary}.")
 
 
+def logging_cost(on: Row, off: Row) -> str:
+    """What MLflow's child runs cost per trial: the same sweeps with ``tracking.trials`` on and off."""
+    parts = []
+    for label, a, b in (("end-to-end", on.trivial, off.trivial), ("marginal", on.marginal, off.marginal)):
+        if a is not None and b is not None and a.ms_per_trial is not None and b.ms_per_trial is not None:
+            parts.append(f"{label} {a.ms_per_trial - b.ms_per_trial:+.1f} ms/trial "
+                         f"({a.ms_per_trial:.1f} on, {b.ms_per_trial:.1f} off)")
+    if not parts:
+        return "MLflow per-trial logging cost: not measured"
+    return ("MLflow per-trial logging cost (a child run per trial, params, every report's metrics, state; "
+            "written by automl's writer process off the sweep loop), trivial trials: " + "; ".join(parts) + ".")
+
+
 def machine() -> str:
     cores = os.cpu_count() or 0
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
@@ -660,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run_row("optuna (in-process, n_jobs=2)", "optuna", optuna_sweep)
         run_row("automl", "automl", lambda m: automl_sweep(m, workdir=workdir))
+        run_row("automl, MLflow trial logging off", "automl (tracking.trials: false)",
+                lambda m: automl_sweep(m, workdir=workdir, trial_logging=False))
         run_row("automl (trainer: mlp)", "automl (trainer: mlp)",
                 lambda m: automl_sweep(m, workdir=workdir, trainer="mlp"), trivial=False)
         run_row("ray tune, reuse_actors=True", "ray-tune reuse_actors", tune(True))
@@ -674,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, n_trivial, n_digits))
     print()
     print(budgets(by_name["automl"], by_name["automl (trainer: mlp)"].digits))
+    print()
+    print(logging_cost(by_name["automl"], by_name["automl, MLflow trial logging off"]))
     print()
     print(f"`{command}` on {machine()}; " + ", ".join(f"{k} {v}" for k, v in info.items())
           + f"; {CONCURRENCY} concurrent trials; trivial: N1 = {n1} trials (end-to-end: wall(N1) / N1) and "

@@ -64,6 +64,7 @@ BAD: dict[str, tuple[str, tuple[str, ...]]] = {
     "when-key": (GOOD + "  opt:\n    type: categorical\n    choices: [adam, sgd]\n    when:\n"
                  "      sgdd: {m: {type: float, low: 0.0, high: 1.0}}\n", ("parameters.opt.when", "sgdd")),
     "bad-duration": (GOOD + "budget: {time: 10 minutes}\n", ("budget.time", "duration")),
+    "register-name": (GOOD + "tracking: {register_as: \"team/model\"}\n", ("tracking.register_as", "team/model")),
     "yaml-syntax": ("trainer: mlp\nmetric: [val_loss\nparameters: {}\n", ("bad.yaml", "line", "column", "YAML")),
     "python-tag": ("trainer: !!python/object/apply:os.system ['touch PWNED']\nmetric: val_loss\n"
                    "parameters: {a: {type: int, low: 1, high: 2}}\n", ("bad.yaml", "python/object")),

@@ -209,3 +209,14 @@ def test_class_trainer_returning_a_sklearn_model_is_exported_and_predicts(workdi
     model = mlflow.pyfunc.load_model(str(out))
     pred = model.predict(frame.drop(columns="target"))
     assert (pred == frame["target"].to_numpy()).mean() > 0.9
+
+
+def test_tracking_trials_false_writes_the_parent_run_only(workdir: Path) -> None:
+    result = run_toy(workdir, tracking={"trials": False})
+    assert len(result.trials) == 6
+    assert result.best is not None
+    client = client_for(workdir)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert children(client, result.parent_run_id) == []
+    assert parent.data.metrics[result.metric] == pytest.approx(result.best.value)  # the best trial's metrics
