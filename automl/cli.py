@@ -487,13 +487,15 @@ def status(
 def ui(
     port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
     host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you say otherwise.")] = "127.0.0.1",
+    workers: Annotated[int, typer.Option(min=1, help="Server processes; one serves a single user.")] = 1,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Start the MLflow UI on this store (bound to 127.0.0.1)."""
     from automl.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", str(workers)]
     console.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C stops it)", highlight=False)
     os.execv(sys.executable, cmd)
 

@@ -346,6 +346,11 @@ def writer_main(tracking_uri: str) -> None:
             except queue.Empty:
                 break
         stopping = writer.apply(batch)
+    # Every write is committed and acknowledged: skip the interpreter's teardown (MLflow's and SQLAlchemy's exit
+    # handlers, module finalisation), which costs the sweep ~0.5 s of waiting for this process to exit.
+    out.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _TrialWriter:

@@ -567,17 +567,46 @@ def budgets(automl: Row, mlp: Measurement | None) -> str:
             f"defines it): automl {efficiency}. {summary}.")
 
 
-def logging_cost(on: Row, off: Row) -> str:
-    """What MLflow's child runs cost per trial: the same sweeps with ``tracking.trials`` on and off."""
-    parts = []
-    for label, a, b in (("end-to-end", on.trivial, off.trivial), ("marginal", on.marginal, off.marginal)):
-        if a is not None and b is not None and a.ms_per_trial is not None and b.ms_per_trial is not None:
-            parts.append(f"{label} {a.ms_per_trial - b.ms_per_trial:+.1f} ms/trial "
-                         f"({a.ms_per_trial:.1f} on, {b.ms_per_trial:.1f} off)")
-    if not parts:
+def measure_logging_cost(repeats: int, n1: int, n2: int,
+                          sweep: Callable[[Measurement, bool], None]) -> list[tuple[Marginal, Marginal]]:
+    """``repeats`` pairs of trivial sweeps with ``tracking.trials`` on and off, interleaved (on first in even
+    repeats, off first in odd ones) so that drift in the machine's speed falls on both sides alike."""
+    pairs = []
+    for r in range(repeats):
+        runs: dict[bool, Marginal] = {}
+        for logging_on in ((True, False) if r % 2 == 0 else (False, True)):
+            runner = f"automl logging {'on' if logging_on else 'off'} #{r + 1}"
+
+            def body(m: Measurement, on: bool = logging_on) -> None:
+                sweep(m, on)
+
+            runs[logging_on] = Marginal(measure(runner, "trivial", n1, body), measure(runner, "trivial", n2, body))
+        pairs.append((runs[True], runs[False]))
+    return pairs
+
+
+def logging_cost(pairs: list[tuple[Marginal, Marginal]]) -> str:
+    """What MLflow's child runs cost per trial: the median (and range) over the interleaved on/off pairs."""
+    import statistics
+
+    def fig(values: list[float]) -> str:
+        return f"{statistics.median(values):+.1f} ms [{min(values):+.1f}, {max(values):+.1f}]"
+
+    marginal = [(on.ms_per_trial, off.ms_per_trial) for on, off in pairs
+                if on.ms_per_trial is not None and off.ms_per_trial is not None]
+    end_to_end = [(on.n1.ms_per_trial, off.n1.ms_per_trial) for on, off in pairs
+                  if on.n1.ms_per_trial is not None and off.n1.ms_per_trial is not None]
+    if not marginal or not end_to_end:
         return "MLflow per-trial logging cost: not measured"
-    return ("MLflow per-trial logging cost (a child run per trial, params, every report's metrics, state; "
-            "written by automl's writer process off the sweep loop), trivial trials: " + "; ".join(parts) + ".")
+    n1, n2 = pairs[0][0].n1.trials, pairs[0][0].n2.trials
+    return (f"MLflow per-trial logging cost (a child run per trial with its params, every report's metrics and its "
+            f"state, written by automl's writer process off the sweep loop; trivial trials, logging on minus off, "
+            f"median [min, max] of {len(marginal)} interleaved pairs): marginal "
+            f"{fig([a - b for a, b in marginal])} per trial (on {statistics.median(a for a, _ in marginal):.1f}, "
+            f"off {statistics.median(b for _, b in marginal):.1f} ms; slope between {n1} and {n2} trials); "
+            f"end-to-end {fig([a - b for a, b in end_to_end])} per trial at {n1} trials (on "
+            f"{statistics.median(a for a, _ in end_to_end):.1f}, off {statistics.median(b for _, b in end_to_end):.1f}"
+            " ms; includes starting the writer process and MLflow's import in it).")
 
 
 def machine() -> str:
@@ -632,8 +661,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="N1: trials of the trivial sweep (end-to-end figure); the marginal figure also "
                              "runs N2 = 2 * N1 (default: %(default)s)")
     parser.add_argument("--digits-trials", type=int, default=20)
+    parser.add_argument("--logging-repeats", type=int, default=3,
+                        help="interleaved pairs of trivial sweeps (N1 and N2 trials) with MLflow trial logging on "
+                             "and off, for the logging cost (default: %(default)s; 0 skips it)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the raw figures to PATH")
     args = parser.parse_args(argv)
+    if args.logging_repeats < 0:
+        parser.error("--logging-repeats must be at least 0")
     if args.trivial_trials < 1 or args.digits_trials < 1:
         parser.error("--trivial-trials and --digits-trials must be at least 1")
     n_trivial, n_digits = args.trivial_trials, args.digits_trials
@@ -682,6 +716,9 @@ def main(argv: list[str] | None = None) -> int:
         run_row("ray tune, reuse_actors=True", "ray-tune reuse_actors", tune(True))
         run_row("ray tune, defaults", "ray-tune", tune(False), n_end_to_end=n_tune_default_trivial,
                 marginal_sizes=TUNE_DEFAULT_MARGINAL_TRIALS)
+        pairs = measure_logging_cost(
+            args.logging_repeats, n1, n2,
+            lambda m, on: automl_sweep(m, workdir=workdir, trial_logging=on))
     ray.shutdown()
 
     command = "python benchmarks/overhead.py" + ("" if argv is None and len(sys.argv) < 2 else
@@ -692,8 +729,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(budgets(by_name["automl"], by_name["automl (trainer: mlp)"].digits))
     print()
-    print(logging_cost(by_name["automl"], by_name["automl, MLflow trial logging off"]))
-    print()
+    if pairs:
+        print(logging_cost(pairs))
+        print()
     print(f"`{command}` on {machine()}; " + ", ".join(f"{k} {v}" for k, v in info.items())
           + f"; {CONCURRENCY} concurrent trials; trivial: N1 = {n1} trials (end-to-end: wall(N1) / N1) and "
           f"N2 = {n2} (marginal: (wall(N2) - wall(N1)) / (N2 - N1)), digits: {n_digits} trials of "
@@ -729,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
             "budgets": budget_figures(by_name["automl"], by_name["automl (trainer: mlp)"].digits),
             "trivial_marginal": [row.as_json() for row in rows if row.trivial is not None],
             "results": [m.as_json() for m in measurements],
+            "logging_pairs": [{"on": on.as_json(), "off": off.as_json()} for on, off in pairs],
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"raw figures: {args.json}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,10 +49,29 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An embedded MLflow store (SQLite) with its schema made. MLflow builds a new store's tables by running its
+    Alembic migrations, about 1.4 s; copying a made one takes milliseconds. The first-run path stays tested: every
+    test that runs the CLI in a fresh directory (test_resume, test_spec_corpus, ...) starts without a store."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A clean working directory: the embedded store (mlflow.db, mlartifacts/, .automl/) lands here."""
+def bare_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A clean, empty working directory: the embedded store (mlflow.db, mlartifacts/, .automl/) lands here."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def workdir(bare_workdir: Path, _empty_store: Path) -> Path:
+    """A clean working directory whose embedded store (an empty ``mlflow.db``) already exists."""
+    shutil.copyfile(_empty_store, bare_workdir / "mlflow.db")
+    return bare_workdir

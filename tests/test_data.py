@@ -319,7 +319,8 @@ BAD_DATA = {
 
 @pytest.mark.usefixtures("ray_session")  # `automl run` joins the session's Ray instead of starting one
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
-def test_bad_data_is_one_line_exit_2_and_nothing_written(workdir: Path, case: str) -> None:
+def test_bad_data_is_one_line_exit_2_and_nothing_written(bare_workdir: Path, case: str) -> None:
+    workdir = bare_workdir
     from typer.testing import CliRunner
 
     from automl.cli import app

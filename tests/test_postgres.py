@@ -96,8 +96,9 @@ def mlflow_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @pytest.mark.usefixtures("ray_session")
 def test_sweep_against_mlflow_server_and_postgres_search_state(
-    workdir: Path, postgres: str, mlflow_server: str
+    bare_workdir: Path, postgres: str, mlflow_server: str
 ) -> None:
+    workdir = bare_workdir
     spec = {
         "name": "scale-out",
         "trainer": "toy_trainers:LogisticFitter",

@@ -1,6 +1,9 @@
 """AutoML mode against scikit-learn's defaults, on scikit-learn's bundled datasets.
 
-    python benchmarks/automl.py [--time 60s] [--datasets breast_cancer,wine,diabetes,digits] [--json PATH]
+(Not named ``automl.py``: run as a script, a file of that name here would shadow the automl package for every
+benchmark in this folder.)
+
+    python benchmarks/automl_mode.py [--time 60s] [--datasets breast_cancer,wine,diabetes,digits] [--json PATH]
 
 For each dataset:
 
@@ -79,12 +82,12 @@ def score(task: str, y_true: Any, y_pred: Any) -> float:
 
 
 def run_dataset(name: str, budget: str, root: Path) -> dict[str, Any]:
-    import mlflow.pyfunc
     import numpy as np
     import sklearn.datasets
     from sklearn.model_selection import train_test_split
 
     from automl.data import infer_task, prepare
+    from automl.export import load_model
     from automl.orchestrator import Sweep
     from automl.quick import automl_spec
     from automl.spec import spec_from_dict
@@ -106,7 +109,7 @@ def run_dataset(name: str, budget: str, root: Path) -> dict[str, Any]:
     best = result.best
     if best is None or best.model_uri is None:
         raise RuntimeError(f"{name}: AutoML finished no trial")
-    model = mlflow.pyfunc.load_model(best.model_uri)
+    model = load_model(best.model_uri, tracking_uri=result.tracking_uri)  # each dataset has its own store
     X_test, y_test = test.drop(columns=["target"]), test["target"].to_numpy()
     out: dict[str, Any] = {
         "dataset": name, "task": task, "rows": len(frame), "metric": spec.metric_name,
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_dataset(name.strip(), args.time, Path(tmp)))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     ray.shutdown()
-    command = "python benchmarks/automl.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/automl_mode.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
                                                 if (argv or sys.argv[1:]) else "")
     print(table(results, args.time))
     print()
