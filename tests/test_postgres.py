@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow import MlflowClient
+from servers import free_port, stop_group, wait_until_up
 
 from automl import Sweep
 from automl.tracking import PARENT_TAG
@@ -24,12 +22,6 @@ from automl.tracking import PARENT_TAG
 ASSETS = Path(__file__).parent / "assets"
 PG_BIN = next((Path(p) for p in ("/usr/lib/postgresql/15/bin", "/usr/local/bin") if (Path(p) / "initdb").exists()),
               None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def as_postgres(*cmd: str) -> list[str]:
@@ -70,28 +62,20 @@ def postgres() -> Iterator[str]:
 def mlflow_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     artifacts = tmp_path_factory.mktemp("artifacts")
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{postgres}/mlflow",
-         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    log = artifacts.parent / "mlflow-server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{postgres}/mlflow",
+             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "mlflow server did not come up"
-            time.sleep(0.5)
+        wait_until_up(f"{url}/health", proc, 90, log.read_text)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_group(proc)
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from servers import free_port, stop_group, wait_until_up
 
 from automl import Sweep
 from automl.data import prepare
@@ -51,12 +49,6 @@ def _keep_mlflow_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> str:
     """A store whose registry holds ``NAME`` with a champion, from a real sweep; returns its tracking URI."""
@@ -84,32 +76,10 @@ def server(store: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, f"mlflow models serve exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no answer on /ping in {READY_TIMEOUT}s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.25)
+        wait_until_up(f"{url}/ping", proc, READY_TIMEOUT, log.read_text)
         yield url
     finally:
-        with_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with_group(proc, signal.SIGKILL)
-            proc.wait(timeout=20)
-
-
-def with_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the server's own group (start_new_session): mlflow and its uvicorn
-    except ProcessLookupError:
-        pass
+        stop_group(proc)
 
 
 def invoke(url: str, payload: dict[str, Any]) -> tuple[int, Any]:

@@ -3,12 +3,9 @@ user starts one: `automl ui` on the store in the working directory. Sweeps then 
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +14,7 @@ import pandas as pd
 import pytest
 import sklearn.datasets
 from mlflow import MlflowClient
+from servers import free_port, stop_group, wait_until_up
 
 from automl import Sweep
 from automl.export import predict
@@ -24,12 +22,6 @@ from automl.tracking import PARENT_TAG
 
 ASSETS = Path(__file__).parent / "assets"
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -48,31 +40,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     """`automl ui` on a SQLite store in a fresh directory; yields (its URL, the directory)."""
     home = tmp_path_factory.mktemp("server")
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "automl.cli", "ui", "--port", str(port),
-         "--tracking-uri", f"sqlite:///{home / 'mlflow.db'}"],
-        cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
+    log = home / "ui.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "automl.cli", "ui", "--port", str(port),
+             "--tracking-uri", f"sqlite:///{home / 'mlflow.db'}"],
+            cwd=home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "automl ui did not come up in 90 s"
-            time.sleep(0.5)
+        wait_until_up(f"{url}/health", proc, 90, log.read_text)
         yield url, home
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # mlflow's server runs its web workers as children
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)  # mlflow's server runs its web workers as children
 
 
 def test_automl_ui_serves_the_store_on_loopback_only(server: tuple[str, Path]) -> None:
