@@ -246,8 +246,12 @@ class SweepTracker:
         self._asked += 1
         target = self._asked
         self._send(["flush", target, None])
+        deadline = time.monotonic() + timeout
         with self._cond:
-            self._cond.wait_for(lambda: self._flushed >= target or self._proc.poll() is not None, timeout)
+            # Short waits, not one long one: a writer that dies closes its stdout (the reader's last notify)
+            # before the OS lets poll() see its exit, so a single wait could miss the death and sleep on.
+            while not (self._flushed >= target or self._proc.poll() is not None) and time.monotonic() < deadline:
+                self._cond.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
             if self._flushed < target and not self._errors:
                 self._errors.append(f"the MLflow writer stopped (exit code {self._proc.poll()})")
         self._raise_errors()
