@@ -5,6 +5,10 @@ Layout of a bundle directory (everything in safe formats; loading executes no pi
     manifest.json       columns and dtypes, task, classes, metric, params, source run, model loader
     preprocessor.skops  the scikit-learn preprocessing, fitted on the training split (skops, trusted types only)
     model/              what the model's own ``save`` wrote (an MLP: mlp.json + weights.safetensors)
+
+Opening a bundle runs no code from it: a skops file is loaded only when every type skops does not trust by
+default is in ``SKOPS_ALLOWED_TYPES``, and the manifest's model loader must name a ``SavableModel`` in a registered
+trainer's package or in a module the caller trusts, which is checked before anything is imported.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import importlib
 import json
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from automl.errors import ExportError
-from automl.trainer import SavableModel
+from automl.trainer import SavableModel, registered_trainers
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -30,8 +37,39 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PREPROCESSOR = "preprocessor.skops"
 SKOPS_LOADER = "skops"
-# Types a preprocessor or scikit-learn model file may contain; anything else is refused at load time.
-_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "builtins.", "collections.")
+# The types a preprocessor.skops or model.skops file may hold besides those skops trusts by default (primitives,
+# containers, numpy arrays and ufuncs, scikit-learn's public estimators): exactly the ones skops.io.get_untrusted_types
+# reports for the files automl writes, i.e. the preprocessors of automl.data (make_preprocessor, including a
+# OneHotEncoder with infrequent categories, and passthrough_preprocessor) and the fitted models of every
+# trainers/sklearn_models.py trainer, classification (binary and multiclass) and regression. A file holding any
+# other type is refused before skops.io.load is called. Derived with skops 0.12, 0.13 and 0.16 on scikit-learn 1.9:
+# skops before 0.14 trusts fewer scikit-learn internals (HistGradientBoosting's losses, links and bin mapper), and
+# skops 0.16 reports the tree structures too (it no longer trusts them by default: crafted node indices can crash
+# predict; our forests and boosted trees are made of them).
+# tests/test_bundle_security.py fits each of those models, dumps it and fails on any reported type missing here.
+# To extend (a new built-in scikit-learn trainer or preprocessing step): add the model to that test, run it, review
+# each type it reports (loading must only set attributes, never call code chosen by the file), and add it here.
+SKOPS_ALLOWED_TYPES = frozenset({
+    "numpy.dtype",  # the dtypes fitted transformers record (SimpleImputer, OneHotEncoder, ColumnTransformer)
+    # svm (classification): CalibratedClassifierCV(SVC, ensemble=False)
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    # random_forest
+    "sklearn.tree._tree.Tree",
+    # hist_gradient_boosting (the losses, links and bin mapper are trusted by default from skops 0.14)
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
+    "sklearn._loss._loss.CyHalfMultinomialLoss",
+    "sklearn._loss.link.IdentityLink",
+    "sklearn._loss.link.Interval",
+    "sklearn._loss.link.LogitLink",
+    "sklearn._loss.link.MultinomialLogit",
+    "sklearn._loss.loss.HalfBinomialLoss",
+    "sklearn._loss.loss.HalfMultinomialLoss",
+    "sklearn._loss.loss.HalfSquaredError",
+})
+# Modules a caller trusts as model loaders where it cannot pass ``trusted_modules`` itself (see ``trusting``).
+_TRUSTED_MODULES: ContextVar[tuple[str, ...]] = ContextVar("automl_trusted_modules", default=())
 
 
 @dataclass(frozen=True)
@@ -100,28 +138,104 @@ def write_bundle(
 
 
 def _load_skops(file: Path) -> Any:
+    """Load a skops file whose every type is trusted by skops or in ``SKOPS_ALLOWED_TYPES``; refuse it otherwise,
+    without constructing anything (``get_untrusted_types`` reads the file's schema only)."""
     import skops.io
 
-    untrusted = skops.io.get_untrusted_types(file=file)
-    refused = [t for t in untrusted if not t.startswith(_TRUSTED_PREFIXES)]
+    try:
+        reported = set(skops.io.get_untrusted_types(file=file))
+    except Exception as exc:
+        raise ExportError(f"{file}: not a readable skops file ({_first_line(exc)})") from None
+    refused = sorted(reported - SKOPS_ALLOWED_TYPES)
     if refused:
-        raise ExportError(f"{file.name}: refusing to load untrusted types {refused}")
-    return skops.io.load(file, trusted=untrusted)
+        shown = ", ".join(_printable(t) for t in refused[:10])
+        if len(refused) > 10:
+            shown += f" and {len(refused) - 10} more"
+        raise ExportError(f"{file}: refused: it holds types automl does not load ({shown}); automl opens only the "
+                          "types its own models contain")
+    try:
+        return skops.io.load(file, trusted=sorted(SKOPS_ALLOWED_TYPES))
+    except Exception as exc:
+        raise ExportError(f"{file}: cannot load it ({_first_line(exc)})") from None
 
 
-def _load_model(loader: str, model_dir: Path) -> Any:
+def _printable(text: str) -> str:
+    # Names come from the file: quoted and escaped unless they are plain dotted names (or module:Class), so that a
+    # refusal stays one line.
+    return text if all(part.isidentifier() for part in text.replace(":", ".", 1).split(".")) else ascii(text)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def module_names(names: Iterable[str], parameter: str = "trusted_modules") -> tuple[str, ...]:
+    """Dotted module names, as given; ``ExportError`` for anything else (a path, a file name, ``module:attr``)."""
+    checked = tuple(names)
+    for name in checked:
+        if not (isinstance(name, str) and all(part.isidentifier() for part in name.split("."))):
+            raise ExportError(f"The '{parameter}' parameter must be module names such as my_trainers or "
+                              f"mypkg.models. Got {name!r} instead.")
+    return checked
+
+
+@contextmanager
+def trusting(modules: Iterable[str]) -> Iterator[None]:
+    """Trust ``modules`` (and their submodules) as model loaders of the bundles opened inside the block.
+
+    For callers that cannot pass ``trusted_modules`` to ``ModelBundle`` themselves: MLflow constructs the bundle of
+    a pyfunc model (``AutoMLPyfunc.load_context``) inside ``mlflow.pyfunc.load_model``.
+    """
+    token = _TRUSTED_MODULES.set((*_TRUSTED_MODULES.get(), *module_names(modules)))
+    try:
+        yield
+    finally:
+        _TRUSTED_MODULES.reset(token)
+
+
+def loader_allowed(module_name: str, trusted_modules: Iterable[str] = ()) -> bool:
+    """Whether a manifest's model loader may import ``module_name``: a module of a registered trainer's top-level
+    package (built in, or an installed package's ``automl.trainers`` entry point; so ``trainers.mlp:MLPTrainer``
+    allows ``trainers._torch``), or one of ``trusted_modules`` or a submodule of one. Imports nothing: the
+    registry is read from the packages' metadata."""
+    parts = module_name.split(".")
+    if not all(part.isidentifier() for part in parts):
+        return False
+    packages = {target.partition(":")[0].strip().split(".")[0] for target in registered_trainers().values()}
+    if parts[0] in packages:
+        return True
+    return any(module_name == t or module_name.startswith(t + ".") for t in trusted_modules)
+
+
+def _load_model(loader: Any, model_dir: Path, *, trusted_modules: Iterable[str] = ()) -> Any:
     if loader == SKOPS_LOADER:
         return _load_skops(model_dir / "model.skops")
+    manifest = model_dir.parent / MANIFEST
+    if not isinstance(loader, str) or loader.count(":") != 1:
+        raise ExportError(f"{manifest}: model loader {loader!r} is not of the form module:Class")
     module_name, _, qualname = loader.partition(":")
+    trusted = (*trusted_modules, *_TRUSTED_MODULES.get())
+    # Checked before anything is imported: importing a module runs its code, so a manifest may only name modules
+    # that are installed as trainers or that the caller vouches for.
+    if not loader_allowed(module_name, trusted):
+        top = _printable(module_name.split(".")[0])
+        raise ExportError(
+            f"{manifest}: refused model loader {_printable(loader)}: its module is not in a registered trainer's "
+            f"package; register the trainer's package under the automl.trainers entry point, or pass "
+            f"--trust-module {top} if you wrote it"
+        )
     try:
         obj: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError):
-        raise ExportError(f"model loader '{loader}' cannot be imported; install the trainer's package") from None
-    # Only a SavableModel's own load() is called: a manifest cannot name an arbitrary callable to run.
-    if not (isinstance(obj, type) and issubclass(obj, SavableModel)):
-        raise ExportError(f"model loader '{loader}' is not a SavableModel")
+        raise ExportError(f"model loader {_printable(loader)} cannot be imported; install the trainer's package"
+                          ) from None
+    # Only a SavableModel's own load() is called, of a class defined where the loader may import from: a manifest
+    # cannot name an arbitrary callable to run, nor reach another module's class through attributes.
+    if not (isinstance(obj, type) and issubclass(obj, SavableModel) and loader_allowed(obj.__module__, trusted)):
+        raise ExportError(f"model loader {_printable(loader)} is not a SavableModel")
     return obj.load(model_dir)
 
 
@@ -182,11 +296,17 @@ class Preprocessing:
 
 
 class ModelBundle(Preprocessing):
-    """A loaded bundle: ``predict`` and ``predict_proba`` on a pandas frame of raw rows."""
+    """A loaded bundle: ``predict`` and ``predict_proba`` on a pandas frame of raw rows.
 
-    def __init__(self, path: Path) -> None:
+    ``trusted_modules``: modules (with their submodules) whose ``SavableModel`` the manifest may name besides those
+    of registered trainers' packages, e.g. the module of a user's own ``module:function`` trainer.
+    """
+
+    def __init__(self, path: Path, *, trusted_modules: Iterable[str] = ()) -> None:
         super().__init__(path)
-        self.model = _load_model(self.manifest["model"]["loader"], self.path / "model")
+        model = self.manifest.get("model") if isinstance(self.manifest, dict) else None
+        loader = model.get("loader") if isinstance(model, dict) else None
+        self.model = _load_model(loader, self.path / "model", trusted_modules=module_names(trusted_modules))
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """Labels (the original class values) for classification; values for regression."""

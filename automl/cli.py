@@ -115,7 +115,8 @@ def run(
                                 storage=storage)
     else:
         sweep = Sweep(imported.to_spec(overrides), base_dir=spec.resolve().parent, spec_text=imported.to_yaml(),
-                      tracking_uri=tracking_uri, address=address, storage=storage)
+                      tracking_uri=tracking_uri, address=address, storage=storage, source=spec.name)
+    sweep.check()  # bad data or trainer: one line now, before the header and Ray (its notes come with the run's)
     total = sweep.planned_trials()
     from automl.samplers import sampler_name
 
@@ -126,7 +127,7 @@ def run(
     for note in imported.notes:
         console.print(f"note: {note}", highlight=False, markup=False)
     with _Progress(total, sweep.spec.metric_name, sweep.spec.direction) as progress:
-        result = sweep.run(on_event=progress.on_event)
+        result = sweep.run(on_event=progress.on_event, on_note=progress.note)
     _print_result(result)
 
 
@@ -157,7 +158,7 @@ def _run_automl(data_source: str | None, target: str | None, *, time_budget: str
                   f"{data_source}, models {', '.join(models)}; optimising {spec.metric_name} "
                   f"({spec.direction}) for {spec.budget.time:.0f}s", highlight=False)
     with _Progress(sweep.planned_trials(), spec.metric_name, spec.direction) as progress:
-        result = sweep.run(on_event=progress.on_event)
+        result = sweep.run(on_event=progress.on_event, on_note=progress.note)
     _print_per_model(result)
     _print_result(result, params=False)  # each model's parameters are in the table above
 
@@ -203,6 +204,10 @@ class _Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
+
+    def note(self, text: str) -> None:
+        """A decision automl made about the spec or the data, shown before the trials (part of the run header)."""
+        self.progress.console.print(f"note: {text}", highlight=False, markup=False)
 
     def on_event(self, kind: str, record: TrialRecord) -> None:
         if kind != "finished":
@@ -257,7 +262,13 @@ def _print_result(result: SweepResult, *, params: bool = True) -> None:
     console.print(f"  model URI: {best.model_uri}", highlight=False)
     console.print(f"  export:    automl export {result.name} --format mlflow --out best/", highlight=False)
     browse = "browse it with `automl ui`" if result.tracking_uri.startswith("sqlite:") else "open it in a browser"
-    console.print(f"  MLflow:    {result.tracking_uri}  ({browse})", highlight=False)
+    console.print(f"  MLflow:    {mask_url(result.tracking_uri)}  ({browse})", highlight=False)
+
+
+def mask_url(url: str) -> str:
+    from automl.redact import mask_url as mask
+
+    return mask(url) or ""
 
 
 def _cell(value: Any) -> str:
@@ -277,16 +288,17 @@ def resume(
 ) -> None:
     """Finish an interrupted sweep: completed trials are kept, none is run twice."""
     from automl.orchestrator import Sweep
-    from automl.state import find_unfinished
+    from automl.state import SweepLock, SweepState, find_unfinished, state_root
 
     state = find_unfinished(sweep)
+    SweepLock(SweepState.folder(state_root(), state.sweep_id)).acquire(state.sweep_id).release()  # running? say so now
     console.print(f"resuming [bold]{state.sweep_id}[/bold]", highlight=False)
     total = int(state.spec.get("budget", {}).get("trials") or 0)
     metric = state.spec["metric"]
     first = metric[0] if isinstance(metric, list) else metric
     with _Progress(total, first["name"], first.get("goal") or "maximize") as progress:
         result = Sweep.resume(state.sweep_id, tracking_uri=tracking_uri, address=address, storage=storage,
-                              on_event=progress.on_event)
+                              on_event=progress.on_event, on_note=progress.note)
     _print_result(result)
 
 
@@ -306,11 +318,12 @@ def validate(
     """Check a spec (or a W&B, NNI or Katib file); print it resolved, its grid size and example configurations."""
     import yaml
 
+    from automl.errors import DataError
     from automl.importers import import_file, option_overrides
     from automl.orchestrator import DEFAULT_TRIALS
+    from automl.preflight import check_inputs
     from automl.space import SearchSpace
     from automl.spec import FieldError, load_spec
-    from automl.trainer import resolve_trainer
 
     imported = import_file(spec, trainer=trainer, data=data_source, target=target, metric=metric)
     if imported.format == "automl":
@@ -318,9 +331,9 @@ def validate(
     else:
         resolved = imported.to_spec()
     try:
-        resolve_trainer(resolved.trainer, spec.resolve().parent)
-    except TrainerError as exc:
-        raise TrainerError(f"{spec.name}: {exc}") from None  # name the file, as spec errors do
+        notes = check_inputs(resolved, spec.resolve().parent)  # reads headers and source text, runs nothing
+    except (TrainerError, DataError) as exc:
+        raise type(exc)(f"{spec.name}: {exc}") from None  # name the file, as spec errors do
     space = SearchSpace(resolved.parameters)
     data = resolved.model_dump(mode="json")
     try:
@@ -341,7 +354,7 @@ def validate(
             trial = study.ask()
             print("- " + str({**space.suggest(trial), **resolved.fixed}))
             study.tell(trial, 0.0)
-    for note in imported.notes:
+    for note in [*imported.notes, *notes]:
         print(f"# note: {note}")
     print(f"ok: {spec}" + (f" ({imported.format})" if imported.format != "automl" else ""), file=sys.stderr)
 
@@ -376,6 +389,14 @@ def schema() -> None:
 
 # --------------------------------------------------------------------------------------------- export / predict
 
+TrustModuleOpt = Annotated[
+    list[str] | None,
+    typer.Option("--trust-module", metavar="NAME",
+                 help="A module of your own trainer (with its submodules) that the model may load its class from, "
+                      "besides registered trainers' packages; repeatable. Opening a model imports that module: "
+                      "trust only code you wrote."),
+]
+
 
 @app.command()
 @_friendly
@@ -386,13 +407,16 @@ def export(
     format: Annotated[str, typer.Option(help="mlflow (the pyfunc model), onnx or torchscript (the torch network; "
                                              "preprocessing and manifest travel with it).")] = "mlflow",
     tracking_uri: TrackingOpt = None,
+    trust_module: TrustModuleOpt = None,
 ) -> None:
     """Write the best model of a sweep (or any automl model URI) to a directory; onnx and torchscript exports are
     checked against the MLflow model before they are written."""
+    from automl.bundle import module_names
     from automl.export import export_model
     from automl.orchestrator import find_sweep
     from automl.tracking import TAG_BEST_URI, resolve_tracking_uri
 
+    trusted = module_names(trust_module or [], "--trust-module")
     uri = resolve_tracking_uri(tracking_uri)
     if sweep.startswith(("runs:/", "models:/")) or Path(sweep, "MLmodel").is_file():
         model_uri = sweep
@@ -401,7 +425,7 @@ def export(
         model_uri = found["tags"].get(TAG_BEST_URI, "")
         if not model_uri:
             raise AutoMLError(f"sweep '{sweep}' has no best model (no trial completed, or it is still running)")
-    path = export_model(model_uri, out, format=format, tracking_uri=uri)
+    path = export_model(model_uri, out, format=format, tracking_uri=uri, trusted_modules=trusted)
     console.print(f"wrote {format} model {model_uri} to {path}", highlight=False)
 
 
@@ -414,16 +438,19 @@ def predict(
     out: Annotated[Path | None, typer.Option(help="Write the rows with a prediction column here (CSV); "
                                                   "default: print the predictions.")] = None,
     tracking_uri: TrackingOpt = None,
+    trust_module: TrustModuleOpt = None,
 ) -> None:
     """Predict on raw rows with an exported or registered model."""
+    from automl.bundle import module_names
     from automl.data import load_frame
     from automl.export import predict as do_predict
     from automl.tracking import resolve_tracking_uri
 
+    trusted = module_names(trust_module or [], "--trust-module")
     frame, _ = load_frame(str(data))
     is_uri = model.startswith(("runs:/", "models:/")) or "://" in model  # runs:/ and models:/ have one slash
     uri = resolve_tracking_uri(tracking_uri) if is_uri else None
-    result = do_predict(model, frame, tracking_uri=uri)
+    result = do_predict(model, frame, tracking_uri=uri, trusted_modules=trusted)
     if out is None:
         result[["prediction"]].to_csv(sys.stdout, index=False)
     else:
@@ -491,13 +518,29 @@ def ui(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Start the MLflow UI on this store (bound to 127.0.0.1)."""
-    from automl.tracking import resolve_tracking_uri
+    from automl.tracking import DEFAULT_ARTIFACTS, make_client, resolve_tracking_uri, sqlite_path, writer_environment
 
     uri = resolve_tracking_uri(tracking_uri)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-           "--workers", str(workers)]
-    console.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C stops it)", highlight=False)
-    os.execv(sys.executable, cmd)
+    db = sqlite_path(uri)
+    if db is not None and (not db.exists() or db.stat().st_size == 0):
+        make_client(uri)  # a new store is created under automl's lock, never beside a sweep creating it too
+    # -P and PYTHONSAFEPATH (inherited by MLflow's web workers): the working directory is not on their import path,
+    # so a ./mlflow.py next to the store is never imported. The store URI (it may hold a password) and the
+    # artifact folder travel in the environment, not on a command line that `ps` shows.
+    env = writer_environment(uri)
+    env["MLFLOW_BACKEND_STORE_URI"] = env.pop("MLFLOW_TRACKING_URI")
+    env.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(Path.cwd().resolve() / DEFAULT_ARTIFACTS))
+    # uvicorn puts its --app-dir (default ".") first on sys.path itself: point it at MLflow's own install folder.
+    import importlib.util
+    import shlex
+
+    spec = importlib.util.find_spec("mlflow")
+    if spec is not None and spec.origin:
+        app_dir = str(Path(spec.origin).resolve().parents[1])
+        env["MLFLOW_UVICORN_OPTS"] = f"{env.get('MLFLOW_UVICORN_OPTS', '')} --app-dir {shlex.quote(app_dir)}".strip()
+    cmd = [sys.executable, "-P", "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", str(workers)]
+    console.print(f"MLflow UI on http://{host}:{port} for {mask_url(uri)} (Ctrl-C stops it)", highlight=False)
+    os.execve(sys.executable, cmd, env)
 
 
 def main() -> None:

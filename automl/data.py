@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 _GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 # An image folder is held in memory as float32; past this, refuse with a hint rather than exhaust memory.
 MAX_IMAGE_BYTES = 4 << 30
+# One-hot encoding gives a text column at most this many columns: its most frequent values keep one each, and the
+# rest, with values never seen in training, share the last one (dense features: 200k distinct values one-hot
+# encoded would ask for hundreds of GiB). 30 keeps weekdays, months and most codes whole.
+MAX_CATEGORIES = 30
+# A value seen in fewer training rows than this shares the "rare" column too: one row teaches nothing general.
+MIN_CATEGORY_ROWS = 2
+# A text column with more than MAX_CATEGORIES distinct values, which are also more than this fraction of its
+# rows, is an identifier or free text (a name, a ticket number, a comment): left out of the features.
+ID_DISTINCT_FRACTION = 0.5
+# An integer column whose values are all distinct and consecutive (1..891 in any order, none missing) is a row
+# number, left out of the features, in a table of more than this many rows (in fewer, a count may be so by chance).
+ROW_NUMBER_MIN_ROWS = 30
 
 
 @dataclass
@@ -62,6 +74,10 @@ class PreparedData:
     example: pd.DataFrame  # a few raw validation rows: the input example of the exported model
     raw_val: pd.DataFrame
     folds: list[Dataset] | None = None  # k-fold: every fold, the first being ``dataset``
+    # What the preparation decided about columns, one sentence each, for the run header: "dropped 'name'
+    # (ID-like: 891 distinct values in 891 rows)". ``columns`` still lists a dropped column: the exported
+    # model takes the raw rows, and its preprocessor ignores that column.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def trainer_data(self) -> Dataset | list[Dataset]:
@@ -99,26 +115,16 @@ def load_frame(source: str, base_dir: Path | None = None) -> tuple[pd.DataFrame,
 
     if source.startswith("sklearn:"):
         name = source.removeprefix("sklearn:")
-        if name not in SKLEARN_DATASETS:
-            raise DataError(
-                f"data.source: unknown bundled dataset '{name}'; use one of {', '.join(SKLEARN_DATASETS)}"
-            )
+        check_bundled(name)
         import sklearn.datasets
 
         bunch = getattr(sklearn.datasets, SKLEARN_DATASETS[name])(as_frame=True)
         return bunch.frame, "target"
     path = source_path(source, base_dir)
-    if not path.exists():
-        raise DataError(f"data.source: file not found: {path}; check the path (a relative path is read from the "
-                        "spec file's folder)")
+    check_exists(path)
     if path.is_dir():  # prepare() reads image folders before it gets here; other callers take tables only
         raise DataError(f"data.source: {path.name} is a folder, not a CSV or Parquet file")
-    kind = TABLE_SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"data.source: {path.name} is neither CSV nor Parquet; use a .csv, .parquet or .pq file, "
-                        "a folder of images (one subfolder per class) or sklearn:<name>")
-    if path.stat().st_size == 0:
-        raise DataError(f"data.source: {path.name} is empty; it needs a header line and at least one row")
+    kind = table_kind(path)
     try:
         frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
     except pd.errors.EmptyDataError:
@@ -128,6 +134,49 @@ def load_frame(source: str, base_dir: Path | None = None) -> tuple[pd.DataFrame,
     if frame.empty:
         raise DataError(f"data.source: {path.name} has no rows; it needs at least one row below the header")
     return frame, None
+
+
+def check_bundled(name: str) -> None:
+    if name not in SKLEARN_DATASETS:
+        raise DataError(f"data.source: unknown bundled dataset '{name}'; use one of {', '.join(SKLEARN_DATASETS)}")
+
+
+def check_exists(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"data.source: file not found: {path}; check the path (a relative path is read from the "
+                        "spec file's folder)")
+
+
+def table_kind(path: Path) -> str:
+    """``csv`` or ``parquet`` for a table file that is not empty; ``DataError`` (one line) otherwise."""
+    kind = TABLE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"data.source: {path.name} is neither CSV nor Parquet; use a .csv, .parquet or .pq file, "
+                        "a folder of images (one subfolder per class) or sklearn:<name>")
+    if path.stat().st_size == 0:
+        raise DataError(f"data.source: {path.name} is empty; it needs a header line and at least one row")
+    return kind
+
+
+def check_target(target: str | None, columns: Any, where: str) -> str:
+    """The target column, named and present in ``columns``; ``DataError`` (one line) otherwise."""
+    if target is None:
+        raise DataError(f"data.target: name the column to predict (data.target: <column>); {where} has: "
+                        f"{_column_list(columns)}")
+    if target not in columns:
+        raise DataError(f"data.target: column '{target}' not found in {where}; use one of: {_column_list(columns)}")
+    return target
+
+
+def class_folders(path: Path) -> list[Path]:
+    """An image folder's class subfolders, at least two (``DataError`` otherwise); no image is read."""
+    class_dirs = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                        key=lambda d: d.name)
+    if len(class_dirs) < 2:
+        found = f" ({class_dirs[0].name})" if class_dirs else ""
+        raise DataError(f"data.source: image folder {path.name} has {len(class_dirs)} class subfolder{found}; "
+                        "it needs one subfolder of images per class, at least two")
+    return class_dirs
 
 
 def load_image_folder(path: Path) -> tuple[np.ndarray, list[str], tuple[int, int, int]]:
@@ -141,12 +190,7 @@ def load_image_folder(path: Path) -> tuple[np.ndarray, list[str], tuple[int, int
     from PIL import Image, UnidentifiedImageError
 
     unreadable = (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
-    class_dirs = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                        key=lambda d: d.name)
-    if len(class_dirs) < 2:
-        found = f" ({class_dirs[0].name})" if class_dirs else ""
-        raise DataError(f"data.source: image folder {path.name} has {len(class_dirs)} class subfolder{found}; "
-                        "it needs one subfolder of images per class, at least two")
+    class_dirs = class_folders(path)
     # Pass 1 reads headers only (Pillow decodes lazily): the common mode and size, before any pixel is decoded.
     files: list[tuple[Path, str]] = []
     sizes: Counter[tuple[int, int]] = Counter()
@@ -260,13 +304,7 @@ def _load_table(spec: DataSpec, base_dir: Path | None) -> _Table:
         return _image_table(spec, path)
     frame, own_target = load_frame(spec.source, base_dir)
     where = path.name if path is not None else spec.source
-    target = spec.target or own_target
-    if target is None:
-        raise DataError(f"data.target: name the column to predict (data.target: <column>); {where} has: "
-                        f"{_column_list(frame.columns)}")
-    if target not in frame.columns:
-        raise DataError(f"data.target: column '{target}' not found in {where}; use one of: "
-                        f"{_column_list(frame.columns)}")
+    target = check_target(spec.target or own_target, frame.columns, where)
     frame = frame[frame[target].notna()]
     if frame.empty:
         raise DataError(f"data.target: column '{target}' has no values in {where}; pick the column to predict")
@@ -300,7 +338,7 @@ def _image_table(spec: DataSpec, path: Path) -> _Table:
                   image_shape=shape, passthrough=True)
 
 
-def _column_list(columns: pd.Index, limit: int = 20) -> str:
+def _column_list(columns: Any, limit: int = 20) -> str:
     names = [str(c) for c in columns[:limit]]
     more = f" (and {len(columns) - limit} more)" if len(columns) > limit else ""
     return ", ".join(names) + more
@@ -316,12 +354,18 @@ def prepare(spec: DataSpec, *, base_dir: Path | None = None, seed: int = 0) -> P
     otherwise one train/validation split of ``fraction``.
     """
     table = _load_table(spec, base_dir)
+    # Decided once on the whole table (not per split: a row number's training rows have gaps), so that every fold
+    # keeps the same columns.
+    dropped, notes = ([], []) if table.passthrough else screen_columns(table.X)
+    if len(dropped) == table.X.shape[1]:
+        raise DataError(f"data.source: every feature column is an identifier or a row number ({notes[0]}); the "
+                        "data needs at least one column to learn from")
     splits = _splits(table, spec, seed)
     datasets: list[Dataset] = []
     exported: tuple[ColumnTransformer, pd.DataFrame] | None = None  # fold 1's preprocessor and raw rows
     for train_idx, val_idx in splits:
         X_tr, X_va = table.X.iloc[train_idx], table.X.iloc[val_idx]
-        pre = passthrough_preprocessor(X_tr) if table.passthrough else make_preprocessor(X_tr)
+        pre = passthrough_preprocessor(X_tr) if table.passthrough else make_preprocessor(X_tr, drop=dropped)
         Xt = pre.fit_transform(X_tr).astype(np.float32, copy=False)
         Xv = pre.transform(X_va).astype(np.float32, copy=False)
         datasets.append(Dataset(
@@ -347,6 +391,7 @@ def prepare(spec: DataSpec, *, base_dir: Path | None = None, seed: int = 0) -> P
         example=X_va.head(5),
         raw_val=X_va,
         folds=datasets if spec.validation.folds else None,
+        notes=notes,
     )
 
 
@@ -378,16 +423,60 @@ def _splits(table: _Table, spec: DataSpec, seed: int) -> list[tuple[np.ndarray, 
 # --------------------------------------------------------------------------------------------- preprocessing
 
 
-def make_preprocessor(X: pd.DataFrame) -> ColumnTransformer:
-    """Median-impute and scale numbers; mode-impute and one-hot encode the rest (unknown categories -> 0)."""
+def screen_columns(X: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The feature columns to leave out, and one sentence per decision (``PreparedData.notes``).
+
+    Left out: a text column whose distinct values are more than ``MAX_CATEGORIES`` and more than
+    ``ID_DISTINCT_FRACTION`` of the rows (an identifier or free text: one-hot encoding it would give a column
+    per row and nothing that generalises), and an integer column whose values are all distinct and consecutive,
+    none missing, in more than ``ROW_NUMBER_MIN_ROWS`` rows (a row number such as 1..891: it tells where the
+    row is in the file, not what it is). A kept text column of more than ``MAX_CATEGORIES`` values is noted as
+    capped.
+    """
     import pandas as pd
+
+    rows = len(X)
+    dropped: list[str] = []
+    notes: list[str] = []
+    capped: list[str] = []
+    for column in X.columns:
+        values = X[column]
+        if _is_number(values):
+            if pd.api.types.is_integer_dtype(values) and rows > ROW_NUMBER_MIN_ROWS and not values.isna().any():
+                low, high = int(values.min()), int(values.max())
+                if high - low + 1 == rows and values.nunique() == rows:
+                    dropped.append(column)
+                    notes.append(f"dropped '{column}' (a row number: the integers {low} to {high}, each once)")
+            continue
+        distinct = int(values.nunique(dropna=True))
+        if distinct <= MAX_CATEGORIES:
+            continue
+        if distinct > ID_DISTINCT_FRACTION * rows:
+            dropped.append(column)
+            notes.append(f"dropped '{column}' (ID-like: {distinct} distinct values in {rows} rows)")
+        else:
+            capped.append(f"'{column}' ({distinct} distinct)")
+    if capped:
+        notes.append(f"one-hot capped at {MAX_CATEGORIES} categories: {', '.join(capped)}; the rarer values and "
+                     "values unseen in training share one column")
+    return dropped, notes
+
+
+def make_preprocessor(X: pd.DataFrame, *, drop: Collection[str] = ()) -> ColumnTransformer:
+    """Median-impute and scale numbers; mode-impute and one-hot encode the rest, at most ``MAX_CATEGORIES``
+    columns each (values seen in fewer than ``MIN_CATEGORY_ROWS`` training rows, the rarest past the cap, and at
+    predict time values never seen in training share the last column; without rare values, an unseen value is
+    all zeros). The columns in ``drop`` are left out: only the columns named are used, the others are ignored,
+    so rows still carrying them are transformed as before."""
     from sklearn.compose import ColumnTransformer
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-    numeric = [c for c in X.columns if pd.api.types.is_numeric_dtype(X[c]) and not pd.api.types.is_bool_dtype(X[c])]
-    other = [c for c in X.columns if c not in numeric]
+    skip = set(drop)
+    kept = [c for c in X.columns if c not in skip]
+    numeric = [c for c in kept if _is_number(X[c])]
+    other = [c for c in kept if c not in numeric]
     steps = []
     if numeric:
         steps.append(
@@ -395,11 +484,19 @@ def make_preprocessor(X: pd.DataFrame) -> ColumnTransformer:
                               ("scale", StandardScaler())]), numeric)
         )
     if other:
+        onehot = OneHotEncoder(max_categories=MAX_CATEGORIES, min_frequency=MIN_CATEGORY_ROWS,
+                               handle_unknown="infrequent_if_exist", sparse_output=False)
         steps.append(
             ("cat", Pipeline([("impute", SimpleImputer(strategy="most_frequent", keep_empty_features=True)),
-                              ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False))]), other)
+                              ("onehot", onehot)]), other)
         )
     return ColumnTransformer(steps, remainder="drop", sparse_threshold=0.0, verbose_feature_names_out=False)
+
+
+def _is_number(values: pd.Series) -> bool:
+    import pandas as pd
+
+    return bool(pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values))
 
 
 def passthrough_preprocessor(X: pd.DataFrame) -> ColumnTransformer:

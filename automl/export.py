@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,8 +62,13 @@ def _requirements() -> list[str]:
     return reqs
 
 
-def save_pyfunc_model(path: Path, bundle_dir: Path, prepared: PreparedData | None) -> Path:
-    """Write an MLflow pyfunc model (models-from-code, signature, input example) at ``path``."""
+def save_pyfunc_model(path: Path, bundle_dir: Path, prepared: PreparedData | None, *,
+                      trusted_modules: Iterable[str] = ()) -> Path:
+    """Write an MLflow pyfunc model (models-from-code, signature, input example) at ``path``.
+
+    ``trusted_modules``: modules the bundle's model loader may import besides registered trainers' packages
+    (``automl.bundle.ModelBundle``), e.g. the module of the sweep's own ``module:function`` trainer.
+    """
     from mlflow.models import infer_signature
 
     from automl.bundle import ModelBundle
@@ -71,7 +77,7 @@ def save_pyfunc_model(path: Path, bundle_dir: Path, prepared: PreparedData | Non
     example = None
     if prepared is not None:
         example = prepared.example
-        predictions = ModelBundle(bundle_dir).predict(example)
+        predictions = ModelBundle(bundle_dir, trusted_modules=trusted_modules).predict(example)
         signature = infer_signature(example, predictions, params={"predict_method": "predict"})
     with warnings.catch_warnings():
         # MLflow nudges towards type hints on predict(); the signature above already describes the input.
@@ -93,10 +99,11 @@ def _save(path: Path, bundle_dir: Path, signature: Any, example: Any) -> None:
     )
 
 
-def log_pyfunc_model(client: MlflowClient, run_id: str, bundle_dir: Path, prepared: PreparedData | None) -> str:
+def log_pyfunc_model(client: MlflowClient, run_id: str, bundle_dir: Path, prepared: PreparedData | None, *,
+                     trusted_modules: Iterable[str] = ()) -> str:
     """Log the bundle as the run's ``best_model`` artifact; returns its ``runs:/`` URI."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = save_pyfunc_model(Path(tmp) / MODEL_ARTIFACT, bundle_dir, prepared)
+        local = save_pyfunc_model(Path(tmp) / MODEL_ARTIFACT, bundle_dir, prepared, trusted_modules=trusted_modules)
         client.log_artifacts(run_id, str(local), MODEL_ARTIFACT)
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
 
@@ -152,11 +159,14 @@ def register_champion(
     return str(mv.version), promote
 
 
-def export_model(model_uri: str, out: Path, *, format: str = "mlflow", tracking_uri: str | None = None) -> Path:
+def export_model(model_uri: str, out: Path, *, format: str = "mlflow", tracking_uri: str | None = None,
+                 trusted_modules: Iterable[str] = ()) -> Path:
     """Write the model at ``model_uri`` (runs:/, models:/, or a local pyfunc directory) into ``out``.
 
     ``mlflow`` copies the pyfunc model; ``onnx`` and ``torchscript`` write the bundle's torch network with its
     preprocessing and manifest (automl.portable), verified against the pyfunc model before anything is written.
+    They open the bundle itself (never the pyfunc model's code), trusting registered trainers' packages and
+    ``trusted_modules`` as its model loader (``automl.bundle.ModelBundle``).
     """
     if format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
@@ -181,7 +191,8 @@ def export_model(model_uri: str, out: Path, *, format: str = "mlflow", tracking_
 
             bundle_dir, example = _bundle_of(Path(local), model_uri)
             source = {"model_uri": model_uri, "run_id": run_id}
-            return write_export(ModelBundle(bundle_dir), example, out, format=format, source=source)
+            bundle = ModelBundle(bundle_dir, trusted_modules=trusted_modules)
+            return write_export(bundle, example, out, format=format, source=source)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()
@@ -245,13 +256,18 @@ def _locate(model_uri: str, tracking_uri: str | None) -> tuple[str, str | None]:
         raise ExportError(f"cannot fetch {model_uri}: {str(exc).strip().splitlines()[0]}") from None
 
 
-def load_model(model: str, tracking_uri: str | None = None) -> Any:
+def load_model(model: str, tracking_uri: str | None = None, *, trusted_modules: Iterable[str] = ()) -> Any:
     """A model from an exported directory (mlflow, onnx or torchscript), a ``runs:/`` or a ``models:/`` URI.
 
     Pyfunc models come back as MLflow loads them; ONNX and TorchScript exports as ``automl.portable.PortableModel``.
+    ``trusted_modules``: modules a pyfunc model's bundle may name as its model loader besides registered trainers'
+    packages (a user's own trainer module). An MLflow model directory is code (MLflow imports its python_model
+    file): open only models that automl, you or your registry wrote.
     """
     import mlflow
     import mlflow.pyfunc
+
+    from automl.bundle import trusting
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
@@ -264,17 +280,20 @@ def load_model(model: str, tracking_uri: str | None = None) -> Any:
             return PortableModel(Path(model))
         raise ExportError(f"{model}: not an exported model directory (no MLmodel file, no export manifest.json) "
                           "nor a model URI")
-    try:
-        return mlflow.pyfunc.load_model(model)
-    except Exception as exc:
-        raise ExportError(f"cannot load {model}: {str(exc).splitlines()[0]}") from None
+    with trusting(trusted_modules):
+        try:
+            return mlflow.pyfunc.load_model(model)
+        except Exception as exc:
+            raise ExportError(f"cannot load {model}: {str(exc).splitlines()[0]}") from None
 
 
-def predict(model: str, frame: pd.DataFrame, tracking_uri: str | None = None) -> pd.DataFrame:
-    """Predictions for raw rows; a ``prediction`` column appended to the input."""
+def predict(model: str, frame: pd.DataFrame, tracking_uri: str | None = None, *,
+            trusted_modules: Iterable[str] = ()) -> pd.DataFrame:
+    """Predictions for raw rows; a ``prediction`` column appended to the input (``trusted_modules``: see
+    ``load_model``)."""
     from automl.bundle import check_columns
 
-    loaded = load_model(model, tracking_uri)
+    loaded = load_model(model, tracking_uri, trusted_modules=trusted_modules)
     schema = getattr(getattr(loaded, "metadata", None), "get_input_schema", lambda: None)()
     if schema is not None and schema.has_input_names():
         # MLflow's own schema error starts with a dump of the rows; name the missing columns instead.

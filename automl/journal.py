@@ -17,6 +17,16 @@ from typing import Any
 
 from optuna.storages.journal import BaseJournalBackend, JournalStorage
 
+from automl.errors import AutoMLError
+
+
+class JournalDamaged(AutoMLError):
+    """A line other than the last one of a journal does not parse: the search state was damaged."""
+
+
+def _reason(exc: ValueError) -> str:
+    return str(exc).split(":")[0] if str(exc) else type(exc).__name__
+
 
 class SingleWriterJournal(BaseJournalBackend):
     """Append-only JSON lines; the whole log is kept in memory for reads."""
@@ -27,15 +37,24 @@ class SingleWriterJournal(BaseJournalBackend):
         good_bytes = 0
         if self.path.exists():
             with open(self.path, "rb") as f:
-                for line in f:
-                    if not line.endswith(b"\n"):
-                        break  # a line cut short by a kill mid-write: dropped, and overwritten below
-                    try:
-                        self._logs.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        break
-                    good_bytes += len(line)
-            if good_bytes != self.path.stat().st_size:
+                data = f.read()
+            lines = data.split(b"\n")
+            # Only the last line may be cut short (a kill mid-write leaves it without its newline): it is dropped
+            # and overwritten below. Anything else that does not parse is damage this code did not make; the file
+            # is refused and left exactly as it was, since dropping the rest would silently erase trials.
+            for number, line in enumerate(lines[:-1], start=1):
+                try:
+                    entry = json.loads(line)
+                    if not isinstance(entry, dict):
+                        raise ValueError("not a JSON object")
+                except ValueError as exc:
+                    raise JournalDamaged(
+                        f"{self.path}: line {number} of {len(lines) - 1} is damaged ({_reason(exc)}); the file was "
+                        "left as it was: restore it from a backup, or delete the lines from there on to keep the "
+                        "trials before it") from None
+                self._logs.append(entry)
+                good_bytes += len(line) + 1
+            if good_bytes != len(data):
                 os.truncate(self.path, good_bytes)
         self._file = open(self.path, "ab")
 

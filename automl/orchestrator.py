@@ -7,6 +7,7 @@ is left, turn each event from a trial into a report or a tell, and record everyt
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -16,11 +17,12 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from automl.errors import AutoMLError, SweepNotFoundError, TrainerError
+from automl.redact import mask_url
 from automl.spec import Spec, load_spec, spec_from_dict
 
 if TYPE_CHECKING:
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 
     from automl.backend import RayBackend, Report, TrialEnd
     from automl.data import PreparedData
-    from automl.state import SweepState
+    from automl.state import SweepLock, SweepState
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ class SweepResult:
     state_dir: Path
     objectives: list[tuple[str, str]] = field(default_factory=list)  # (metric, goal), the first one ranks
     pareto_front: list[int] = field(default_factory=list)  # trial numbers, several metrics only
+    # Modules the best model's loader may come from besides registered trainers: a module:function trainer's own
+    trusted_modules: list[str] = field(default_factory=list)
 
     def leaderboard(self, top: int | None = None) -> pd.DataFrame:
         """Trials sorted best first (finished trials first, then stopped, then failed)."""
@@ -101,7 +105,8 @@ class SweepResult:
 
         if self.best is None or self.best.model_uri is None:
             raise AutoMLError(f"sweep {self.sweep_id} has no exportable best model")
-        return export_model(self.best.model_uri, Path(out), format=format, tracking_uri=self.tracking_uri)
+        return export_model(self.best.model_uri, Path(out), format=format, tracking_uri=self.tracking_uri,
+                            trusted_modules=self.trusted_modules)
 
 
 def leaderboard(trials: list[TrialRecord], metric: str, goal: str, objectives: list[tuple[str, str]],
@@ -133,6 +138,33 @@ def leaderboard(trials: list[TrialRecord], metric: str, goal: str, objectives: l
 EventCallback = Callable[[str, TrialRecord], None]
 
 
+MAX_ACTORS_PER_CPU = 4  # trial actors (processes) per CPU of the cluster, however small resources.cpu is
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    slots: int
+    note: str | None = None
+
+
+def plan_slots(requested: int | None, *, cpu: float, gpu: float, cluster: dict[str, float], trials: int) -> SlotPlan:
+    """How many trials run at once: ``budget.max_concurrent`` (default: what the cluster's CPUs and GPUs hold for
+    ``resources``), never more than the cluster can run at once, never more than ``MAX_ACTORS_PER_CPU`` actors per
+    CPU (each is a process; ``resources.cpu: 0.001`` would otherwise ask for thousands), never more than trials."""
+    cpus = cluster.get("CPU", 1.0)
+    by_cpu = int(cpus // cpu) if cpu else 1
+    by_gpu = int(cluster.get("GPU", 0.0) // gpu) if gpu else by_cpu
+    fits = max(1, min(by_cpu, by_gpu, MAX_ACTORS_PER_CPU * max(1, math.ceil(cpus))))
+    slots = max(1, min(requested or fits, fits, trials))
+    note = None
+    if requested is not None and requested > fits:
+        need = f"{cpu:g} CPU" + (f" and {gpu:g} GPU" if gpu else "")
+        have = f"{cpus:g} CPUs" + (f" and {cluster.get('GPU', 0.0):g} GPUs" if gpu else "")
+        capped = f", at most {MAX_ACTORS_PER_CPU} trials per CPU" if fits < min(by_cpu, by_gpu) else ""
+        note = f"budget.max_concurrent: {requested} asked for; {fits} run at once ({need} per trial on {have}{capped})"
+    return SlotPlan(slots, note)
+
+
 class Sweep:
     """A sweep defined by a spec: ``Sweep.from_yaml(path).run()``."""
 
@@ -146,6 +178,7 @@ class Sweep:
         workdir: Path | None = None,
         spec_text: str | None = None,
         storage: str | None = None,
+        source: str | None = None,
     ) -> None:
         from automl.space import SearchSpace
         from automl.trainer import resolve_trainer
@@ -161,15 +194,34 @@ class Sweep:
 
         self.tracking_uri = resolve_tracking_uri(tracking_uri, self.workdir)
         self.spec_text = spec_text
+        self.source = source  # the spec file's name, for error lines
         self.space = SearchSpace(spec.parameters)  # the spec's validators already checked it against the method
         self.trainer = resolve_trainer(spec.trainer, self.base_dir)
+        self._checked: list[str] | None = None
+
+    def check(self) -> list[str]:
+        """What ``automl validate`` checks of the inputs, in well under a second and before anything starts: the
+        data file exists and has the target column (its header only), the trainer can be imported (its source
+        parsed, never run). Returns notes for the user; raises ``DataError``/``TrainerError`` in one line."""
+        if self._checked is None:
+            from automl.errors import DataError
+            from automl.preflight import check_inputs
+
+            try:
+                # On a cluster, the workers may have packages this machine lacks: their imports are theirs to check.
+                self._checked = check_inputs(self.spec, self.base_dir, imports=not self.address)
+            except (DataError, TrainerError) as exc:
+                if self.source is None:
+                    raise
+                raise type(exc)(f"{self.source}: {exc}") from None
+        return self._checked
 
     @classmethod
     def from_yaml(cls, path: str | Path, *, overrides: dict[str, Any] | None = None, **kwargs: Any) -> Sweep:
         path = Path(path)
         spec = load_spec(path, overrides=overrides)
         try:
-            return cls(spec, base_dir=path.resolve().parent, spec_text=path.read_text(), **kwargs)
+            return cls(spec, base_dir=path.resolve().parent, spec_text=path.read_text(), source=path.name, **kwargs)
         except TrainerError as exc:
             raise TrainerError(f"{path.name}: {exc}") from None  # name the file, as spec errors do
 
@@ -187,9 +239,14 @@ class Sweep:
 
     # ------------------------------------------------------------------------------------------ running
 
-    def run(self, on_event: EventCallback | None = None) -> SweepResult:
-        """Run the sweep to the end of its budget; returns the leaderboard and the best trial."""
-        return _SweepRun(self, on_event).run()
+    def run(self, on_event: EventCallback | None = None, on_note: Callable[[str], None] | None = None
+            ) -> SweepResult:
+        """Run the sweep to the end of its budget; returns the leaderboard and the best trial.
+
+        ``on_event(kind, record)`` hears each trial start, report and end; ``on_note(text)`` each decision the user
+        should read before the first trial (trials capped to what the cluster holds, data columns dropped).
+        """
+        return _SweepRun(self, on_event, on_note=on_note).run()
 
     @classmethod
     def resume(
@@ -201,34 +258,61 @@ class Sweep:
         address: str | None = None,
         storage: str | None = None,
         on_event: EventCallback | None = None,
+        on_note: Callable[[str], None] | None = None,
     ) -> SweepResult:
         """Finish an interrupted sweep (by id, or the latest unfinished one of that name).
 
         Completed trials are kept and never run again; trials the interruption cut short run again from
         the start; the sweep ends when its whole budget is spent, in the same MLflow parent run.
         """
-        from automl.state import find_unfinished
+        from automl.redact import is_masked
+        from automl.state import SweepLock, SweepState, find_unfinished, state_root
 
         state = find_unfinished(sweep, workdir)
-        stored = state.extra.get("storage")
-        plan = cls(spec_from_dict(state.spec), base_dir=Path(state.base_dir), workdir=workdir,
-                   tracking_uri=tracking_uri or state.tracking_uri, address=address,
-                   storage=storage or os.environ.get("AUTOML_STORAGE") or stored)
-        if plan.storage and "***" in plan.storage:
+        # The state folder keeps URLs with their passwords masked: such a URL must be given again.
+        uri = tracking_uri or state.tracking_uri
+        if is_masked(uri):
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
+        if is_masked(uri):
+            raise AutoMLError("the sweep's MLflow tracking URI has a password: pass it again with --tracking-uri "
+                              "or MLFLOW_TRACKING_URI")
+        storage = storage or os.environ.get("AUTOML_STORAGE") or state.extra.get("storage")
+        if is_masked(storage):
             raise AutoMLError("the sweep's search state is in a database with a password: pass it again with "
                               "--storage or AUTOML_STORAGE")
-        return _SweepRun(plan, on_event, resume=state).run()
+        lock = SweepLock(SweepState.folder(state_root(workdir), state.sweep_id)).acquire(state.sweep_id)
+        try:
+            plan = cls(spec_from_dict(state.spec), base_dir=Path(state.base_dir), workdir=workdir,
+                       tracking_uri=uri, address=address, storage=storage)
+            return _SweepRun(plan, on_event, resume=state, lock=lock, on_note=on_note).run()
+        finally:
+            lock.release()
 
 
-def connect_ray(address: str | None) -> None:
-    """Join ``address`` (a running cluster) or start a local Ray; reuse a Ray this process already joined."""
+def connect_ray(address: str | None, capture_logs: bool = False) -> None:
+    """Join ``address`` (a running cluster) or start a local Ray; reuse a Ray this process already joined.
+
+    A local Ray runs with token authentication (``RAY_AUTH_MODE=token``, Ray >= 2.52; the default from Ray
+    2.59): nothing else on the machine can submit work to it. Ray's own log lines (its start-up notices, the
+    token warning) go to the state folder's log file (``automl.logfile``) rather than the user's terminal when
+    ``capture_logs``.
+    """
+    import sys
+
+    if not address and "ray" not in sys.modules:
+        # Read when Ray is imported: set later, the driver and the Ray it starts would disagree on the mode.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():
         return
     warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                              "log_to_driver": False, "configure_logging": True}
+                              "log_to_driver": False, "configure_logging": not capture_logs}
+    if capture_logs:
+        from automl import logfile
+
+        logfile.capture("ray")
     try:
         # No address: a Ray of our own. (Ray's own default would join any Ray already running on this
         # machine, such as another user's sweep; the embedded default is a local Ray for this sweep.)
@@ -248,18 +332,6 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
-
-
-def _without_password(url: str | None) -> str | None:
-    """A database URL fit to write into the state folder (its password masked)."""
-    if not url:
-        return url
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
 
 
 def _on_sigterm_raise_interrupt() -> Any:
@@ -284,27 +356,50 @@ def _restore_sigterm(previous: Any) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+_PAUSES: dict[str, int] = {}
+
+
+def _debug_pause(point: str) -> None:
+    """A test hook for crash-consistency tests: with ``AUTOML_DEBUG_PAUSE_AT=<point>#<n>`` the driver stops at the
+    n-th pass through ``point`` (writes ``<point>.paused`` in the state folder and sleeps) so that a test can kill
+    it exactly there. Unset, it costs one dictionary update."""
+    _PAUSES[point] = _PAUSES.get(point, 0) + 1
+    wanted = os.environ.get("AUTOML_DEBUG_PAUSE_AT")
+    if wanted and wanted == f"{point}#{_PAUSES[point]}":
+        from automl.state import state_root
+
+        (state_root() / f"{point}.paused").write_text(str(os.getpid()))
+        time.sleep(3600)
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def _import_tracking() -> None:
-    """Import MLflow ahead of use (about 2 s), in a start-up thread."""
+def _import_tracking_then(load_trainer: Callable[[], Any]) -> None:
+    """Import MLflow ahead of use (about 2 s), then the trainer (a broken one fails here, early); in a start-up
+    thread."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow.tracking  # noqa: F401
 
+    load_trainer()
+
 
 def _now_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
 
 class _SweepRun:
     """The state of one execution of a sweep (kept out of ``Sweep`` so that ``Sweep`` stays a plan)."""
 
-    def __init__(self, sweep: Sweep, on_event: EventCallback | None, resume: SweepState | None = None) -> None:
+    def __init__(self, sweep: Sweep, on_event: EventCallback | None, resume: SweepState | None = None,
+                 lock: SweepLock | None = None, on_note: Callable[[str], None] | None = None) -> None:
         self.sweep = sweep
+        self.on_note = on_note or (lambda text: None)
         self.resuming = resume
+        self.lock = lock  # held by the resuming caller; a new sweep takes its own once its folder exists
+        self._history: dict[int, dict[int, float]] = {}  # resuming: intermediate values of restored trials
         self.spec = sweep.spec
         self.on_event = on_event or (lambda kind, record: None)
         self.metric = self.spec.metric_name
@@ -324,10 +419,13 @@ class _SweepRun:
     def run(self) -> SweepResult:
         from automl.samplers import make_sampler, sampler_name
         from automl.schedulers import make_pruner
+        from automl.state import log_path, state_root
         from automl.tracking import SweepTracker
 
         started = time.perf_counter()
         spec = self.spec
+        for text in self.sweep.check():  # bad input refused now, before Ray, MLflow or the state folder
+            self.note(text)
         self.planned = self.sweep.planned_trials()
         shape = {"objectives": len(self.objectives), "trials": self.planned}
         # Resuming, the sampler's random stream continues past the trials already drawn instead of
@@ -336,14 +434,16 @@ class _SweepRun:
         sampler = make_sampler(spec.method, self.sweep.space, seed, **shape)
         self.sampler_name = sampler_name(spec.method, self.sweep.space, **shape)
         pruner = make_pruner(spec.early_stopping, spec.fixed)
-        self.tracker = SweepTracker(self.sweep.tracking_uri, trials=self.spec.tracking.trials)
+        self.log_file = log_path(state_root(self.sweep.workdir))
+        self.tracker = SweepTracker(self.sweep.tracking_uri, trials=self.spec.tracking.trials, log_file=self.log_file)
         backend: RayBackend | None = None
         try:
             with ThreadPoolExecutor(max_workers=3, thread_name_prefix="automl-start") as pool:
                 data_future = pool.submit(self._prepare_data)
-                trainer_future = pool.submit(self.sweep.trainer.load)  # a broken trainer fails here, early
-                pool.submit(_import_tracking)
-                connect_ray(self.sweep.address)
+                # MLflow first: loading a module:function trainer puts the spec's folder first on sys.path, and a
+                # stray mlflow.py there must not become the MLflow this process records with.
+                trainer_future = pool.submit(_import_tracking_then, self.sweep.trainer.load)
+                connect_ray(self.sweep.address, capture_logs=True)
                 prepared = data_future.result()
                 trainer_future.result()
             backend = self._backend = self._start_backend(prepared)
@@ -354,9 +454,12 @@ class _SweepRun:
             self.study = study
             self._open_tracking(backend.capacity)
         except BaseException:
-            self.tracker.close()
+            with contextlib.suppress(AutoMLError):  # the error that stopped the start-up is the one to report
+                self.tracker.close()
             if backend is not None:
                 backend.shutdown()
+            if self.lock is not None and not self.resuming:
+                self.lock.release()
             raise
         previous = _on_sigterm_raise_interrupt()
         try:
@@ -374,6 +477,8 @@ class _SweepRun:
         finally:
             backend.shutdown()
             _restore_sigterm(previous)
+            if self.lock is not None and not self.resuming:
+                self.lock.release()  # a resume's lock is its caller's to release
         result = self._result(time.perf_counter() - started)
         if self.failure_stop:
             raise SweepFailed(self.failure_stop, result)
@@ -412,8 +517,6 @@ class _SweepRun:
         """
         from optuna.trial import TrialState
 
-        from automl.state import best_bundle_path
-
         storage = study._storage
         for t in study.get_trials(deepcopy=False):
             info = t.user_attrs.get("automl", {})
@@ -435,9 +538,10 @@ class _SweepRun:
             if t.state == TrialState.COMPLETE and self.multi:
                 record.values = list(t.values)
             self.records[t.number] = record
+            self._history[t.number] = dict(t.intermediate_values)
             if state == "COMPLETE" and self._is_better(record):
                 self.best = record
-        if self.best is not None and not best_bundle_path(folder).is_dir():
+        if self.best is not None and self._best_bundle() is None:
             log.warning("the best model of trial %s was not saved before the interruption", self.best.number)
 
     def _prepare_data(self) -> PreparedData | None:
@@ -445,7 +549,10 @@ class _SweepRun:
             return None
         from automl.data import prepare
 
-        return prepare(self.spec.data, base_dir=self.sweep.base_dir, seed=self.spec.seed)
+        prepared = prepare(self.spec.data, base_dir=self.sweep.base_dir, seed=self.spec.seed)
+        for text in prepared.notes:  # columns dropped as identifiers, categories capped
+            self.note(f"data: {text}")
+        return prepared
 
     def _start_backend(self, prepared: PreparedData | None) -> RayBackend:
         import ray
@@ -453,25 +560,36 @@ class _SweepRun:
         from automl.backend import RayBackend
 
         res = self.spec.resources
-        slots = self.spec.budget.max_concurrent
-        if slots is None:
-            total = ray.cluster_resources()
-            by_cpu = int(total.get("CPU", 1) // res.cpu) if res.cpu else 1
-            by_gpu = int(total.get("GPU", 0) // res.gpu) if res.gpu else by_cpu
-            slots = max(1, min(by_cpu, by_gpu))
-        slots = max(1, min(slots, self.sweep.planned_trials()))
-        return RayBackend(self.sweep.trainer, slots=slots, cpu=res.cpu, gpu=res.gpu,
+        total = ray.cluster_resources()
+        gpu = res.gpu
+        if gpu and not total.get("GPU") and not self.sweep.address:
+            # A laptop without a GPU runs a GPU spec on its CPUs (trainers fall back through automl.trainer.device);
+            # on a cluster the GPUs may still join (an autoscaler), so the request stands there.
+            self.note(f"resources.gpu: {gpu:g} asked for and this machine has no GPU; trials run on the CPU")
+            gpu = 0.0
+        plan = plan_slots(self.spec.budget.max_concurrent, cpu=res.cpu, gpu=gpu, cluster=total,
+                          trials=self.sweep.planned_trials())
+        if plan.note:
+            self.note(plan.note)
+        return RayBackend(self.sweep.trainer, slots=plan.slots, cpu=res.cpu, gpu=gpu,
                           data=prepared.trainer_data if prepared else None)  # k-fold: the list of folds
+
+    def note(self, text: str) -> None:
+        """Something the user should read in the run header (what automl decided about their spec or data)."""
+        log.info("%s", text)
+        self.on_note(text)
 
     def _create_study(self, sampler: Any, pruner: Any) -> tuple[Path, optuna.Study]:
         import optuna
 
-        from automl.state import SweepState, reserve_sweep_id, state_root
+        from automl import logfile
+        from automl.state import SweepLock, SweepState, reserve_sweep_id, state_root
 
         root = state_root(self.sweep.workdir)
         if self.resuming is not None:
             self.state = self.resuming
-            folder = SweepState.folder(root, self.sweep_id)
+            folder = self.folder = SweepState.folder(root, self.sweep_id)
+            logfile.activate(self.log_file)
             study = optuna.load_study(study_name=self.sweep_id, storage=self._storage(folder),
                                       sampler=sampler, pruner=pruner)
             self._restore(study, folder)
@@ -479,11 +597,13 @@ class _SweepRun:
             self.state.save(root)
             return folder, study
         self.sweep_id = reserve_sweep_id(root, self.sweep_id)
+        logfile.activate(self.log_file)  # the state folder exists now: library output may be written there
+        self.lock = SweepLock(SweepState.folder(root, self.sweep_id)).acquire(self.sweep_id)
         self.state = SweepState(
             sweep_id=self.sweep_id, name=self.spec.name,
             spec=self.spec.model_dump(mode="json"), base_dir=str(self.sweep.base_dir),
-            tracking_uri=self.sweep.tracking_uri, created=time.time(),
-            extra={"storage": _without_password(self.sweep.storage)},
+            tracking_uri=mask_url(self.sweep.tracking_uri) or "", created=time.time(),
+            extra={"storage": mask_url(self.sweep.storage)},
         )
         folder = self.state.save(root)
         study = optuna.create_study(storage=self._storage(folder), sampler=sampler, pruner=pruner,
@@ -519,12 +639,52 @@ class _SweepRun:
                           run_name=self.sweep_id, tags=tags, params=params, spec_text=spec_text,
                           run_id=self.resuming.parent_run_id if self.resuming else None)
         if self.resuming is not None:
-            old_runs = self.tracker.close_stale_trials()
-            for number, record in self.records.items():
-                record.run_id = old_runs.get(number)
+            self._repair_trial_runs()
         self.state.experiment_id = self.tracker.experiment_id
         self.state.parent_run_id = self.tracker.parent_run_id
         self.state.save(self.folder.parent)
+
+    def _repair_trial_runs(self) -> None:
+        """Resuming: make MLflow agree with the search state.
+
+        A trial the journal kept (finished) whose child run is missing or still RUNNING (the writer died before
+        writing it, e.g. killed with the driver) gets its record written again from the journal: parameters,
+        its intermediate values, its last metrics and its final state. A RUNNING child run of a trial that will
+        run again (cut short by the interruption) is closed as KILLED.
+        """
+        if not self.tracker.trials:
+            return
+        runs = self.tracker.child_runs()
+        for number, (run_id, status) in runs.items():
+            record = self.records.get(number)
+            if record is None:
+                if status == "RUNNING":
+                    self.tracker.kill_run(run_id, "the sweep's driver was killed; the trial runs again")
+                continue
+            record.run_id = run_id
+            if status == "RUNNING":
+                self.tracker.trial_adopted(number, run_id)
+                self._rewrite_trial(record, create=False)
+        for number, record in self.records.items():
+            if number not in runs:
+                self._rewrite_trial(record, create=True)
+
+    def _rewrite_trial(self, record: TrialRecord, *, create: bool) -> None:
+        number = record.number
+        tags = {"automl.state": record.state, "automl.epochs": str(record.epochs),
+                "automl.seconds": f"{record.seconds:.3f}", "automl.recovered": "true"}
+        if create:
+            self.tracker.trial_started(number, {**record.params, **self.spec.fixed},
+                                       {"automl.sampler": self.sampler_name, "automl.sweep_id": self.sweep_id})
+        for step, value in sorted(self._history.get(number, {}).items()):
+            self.tracker.trial_reported(number, step, {self.metric: value})
+        if record.metrics:
+            self.tracker.trial_reported(number, record.epochs, record.metrics)
+        if record.state == "STOPPED":
+            tags["automl.early_stopped"] = "true"
+        if record.error:
+            tags["automl.error"] = record.error[:5000]
+        self.tracker.trial_finished(number, record.state, tags)
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -645,6 +805,12 @@ class _SweepRun:
         record.state, record.error = state, error
         if state == "FAILED":
             self._count_failure(record)
+        new_best = state == "COMPLETE" and self._is_better(record)
+        if new_best and event.model is not None:
+            # Saved before the trial is told to Optuna: after a crash at any point, the trial the search state
+            # calls best has its model on disk (a trial cut short before its tell runs again on resume).
+            self._save_best(record, event, prepared)
+            _debug_pause("best-saved")
         trial.set_user_attr("automl", {"state": state, "metrics": record.metrics, "epochs": record.epochs,
                                        "seconds": round(event.seconds, 4), "error": (error or "")[:2000],
                                        "attempts": record.attempts, "interrupted": state == "KILLED"})
@@ -678,11 +844,10 @@ class _SweepRun:
                 self._warned_device = True
                 log.warning("trial %s: %s", event.number, event.device_note)
         record.node, record.gpus = event.node, event.gpus
-        if state == "COMPLETE" and self._is_better(record):
+        if new_best:
             self.best = record
             tags["automl.best_so_far"] = "true"
-            if event.model is not None:
-                self._save_best(record, event, prepared)
+            self._drop_other_bundles(record.number)
         self.tracker.trial_finished(event.number, state, tags, artifacts)
         self.on_event("finished", record)
 
@@ -707,12 +872,18 @@ class _SweepRun:
         return record.value < self.best.value
 
     def _save_best(self, record: TrialRecord, event: TrialEnd, prepared: PreparedData | None) -> None:
-        """Keep the best model so far on disk: a killed sweep still has it when resumed."""
+        """Keep the best model so far on disk: a killed sweep still has it when resumed.
+
+        Each candidate is written whole under ``models/trial-N`` (to a temporary name, then renamed), then the
+        ``best_model`` link is swapped to it atomically; the previous best stays until the new one is told to
+        Optuna (``_drop_other_bundles``). A crash at any point leaves the bundle of every trial the search state
+        may call best.
+        """
         from automl.bundle import write_bundle
-        from automl.state import best_bundle_path
+        from automl.state import best_bundle_path, trial_bundle_path
 
         assert event.model is not None  # checked by the caller
-        target = best_bundle_path(self.folder)
+        target = trial_bundle_path(self.folder, record.number)
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         info = {"trainer": self.spec.trainer, "trial": record.number, "params": record.params,
@@ -720,8 +891,41 @@ class _SweepRun:
                                                      "value": record.value},
                 "metrics": record.metrics, "sweep_id": self.sweep_id}
         write_bundle(tmp, event.model, prepared, info=info)
-        shutil.rmtree(target, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)  # a re-run of a trial cut short after its model was saved
         os.replace(tmp, target)
+        link = best_bundle_path(self.folder)
+        new_link = link.with_name(link.name + ".new")
+        with contextlib.suppress(FileNotFoundError):
+            new_link.unlink()
+        new_link.symlink_to(target.relative_to(self.folder), target_is_directory=True)
+        if link.is_dir() and not link.is_symlink():  # the layout of older versions: one plain folder
+            shutil.rmtree(link)
+        os.replace(new_link, link)
+
+    def _drop_other_bundles(self, keep: int) -> None:
+        """Once trial ``keep`` is told to Optuna as the best, the other saved models are no longer needed."""
+        from automl.state import trial_bundle_path
+
+        kept = trial_bundle_path(self.folder, keep)
+        for path in kept.parent.glob("trial-*"):
+            if path != kept:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _best_bundle(self) -> Path | None:
+        """The saved model of the best trial, checked against it: never the bundle of another trial."""
+        import json
+
+        from automl.state import best_bundle_path, trial_bundle_path
+
+        assert self.best is not None  # checked by the caller
+        for path in (trial_bundle_path(self.folder, self.best.number), best_bundle_path(self.folder)):
+            try:
+                trial = json.loads((path / "manifest.json").read_text()).get("trial")
+            except (OSError, ValueError):
+                continue
+            if trial == self.best.number:
+                return path
+        return None
 
     def _cancel(self, study: optuna.Study, backend: RayBackend, reason: str) -> None:
         from optuna.trial import TrialState
@@ -742,9 +946,10 @@ class _SweepRun:
     def _finish(self, status: str, prepared: PreparedData | None) -> None:
         from automl import tracking
 
-        self.tracker.flush()
+        with contextlib.suppress(AutoMLError):  # a dead writer: tracker.finish below closes the parent and says so
+            self.tracker.flush()
         for number, record in self.records.items():
-            record.run_id = self.tracker.run_id_of(number)
+            record.run_id = self.tracker.run_id_of(number) or record.run_id
         self.model_uri: str | None = None
         params: dict[str, Any] = {}
         metrics: dict[str, float] = {}
@@ -759,14 +964,12 @@ class _SweepRun:
             params = dict(best.params)
             metrics = {k: v for k, v in best.metrics.items() if math.isfinite(v)}
             tags.update({"automl.best_trial": str(best.number), tracking.TAG_BEST_RUN: best.run_id or ""})
-            from automl.state import best_bundle_path
-
-            bundle = best_bundle_path(self.folder)
-            if bundle.is_dir():
+            bundle = self._best_bundle()
+            if bundle is not None:
                 from automl.export import log_pyfunc_model
 
                 self.model_uri = log_pyfunc_model(self.tracker.client, self.tracker.parent_run_id, bundle,
-                                                  prepared)
+                                                  prepared, trusted_modules=self._trusted_modules())
                 tags[tracking.TAG_BEST_URI] = self.model_uri
                 if self.spec.tracking.register_as:
                     from automl.export import register_champion
@@ -781,10 +984,21 @@ class _SweepRun:
                         log.warning("%s", exc)
                         tags["automl.register_error"] = str(exc)
         self._log_summary()
-        self.tracker.finish(status, params=params, metrics=metrics, tags=tags)
-        self.state.status = status
         self.state.extra.update(best_model_uri=self.model_uri)
+        try:
+            self.tracker.finish(status, params=params, metrics=metrics, tags=tags)
+        except AutoMLError as exc:
+            # Trial records were lost on the way to MLflow: the sweep stays resumable, and a resume writes them.
+            self.state.status = "FAILED"
+            self.state.save(self.folder.parent)
+            raise AutoMLError(f"{exc}; `automl resume {self.sweep_id}` writes the missing trial records") from None
+        self.state.status = status
         self.state.save(self.folder.parent)
+
+    def _trusted_modules(self) -> list[str]:
+        """The trainer's own package may be the model's loader: a user's module:function trainer is code the user
+        wrote and this sweep ran (a registered trainer's package is trusted anyway)."""
+        return [self.sweep.trainer.target.partition(":")[0].split(".")[0]]
 
     def _log_summary(self) -> None:
         from automl.summary import log_summary
@@ -818,7 +1032,7 @@ class _SweepRun:
             experiment_id=self.tracker.experiment_id, parent_run_id=self.tracker.parent_run_id,
             tracking_uri=self.sweep.tracking_uri, sampler=self.sampler_name, wall_seconds=wall,
             state_dir=self.folder, objectives=[(m.name, m.goal or "maximize") for m in self.objectives],
-            pareto_front=getattr(self, "pareto_front", []),
+            pareto_front=getattr(self, "pareto_front", []), trusted_modules=self._trusted_modules(),
         )
 
 

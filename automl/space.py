@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from automl.spec import Parameter
 
 MAX_GRID = 1_000_000  # enumerating more than this is never what a user meant
+_HUGE = 10**15  # grid sizes are shown up to here, and "more than 1e+15" past it
 
 
 class SearchSpace:
@@ -146,20 +147,36 @@ def _suggest_into(trial: optuna.Trial, params: Mapping[str, Parameter], out: dic
 
 
 def _values(param: Parameter, path: str) -> list[Any]:
+    count = _size(param, path)  # refuses before anything is listed
     if isinstance(param, CategoricalParam):
         return list(param.choices)
     if isinstance(param, IntParam):
         return list(range(param.low, param.high + 1, param.step or 1))
-    if param.step is None:
+    step = param.step or 0.0  # a float here has a step: _size refused it otherwise
+    # 12 significant digits keep 0.1 + 3*0.05 from becoming 0.25000000000000006 (Optuna would reject it)
+    # without collapsing tiny steps (1e-14) to zero.
+    return [float(f"{param.low + k * step:.12g}") for k in range(count)]
+
+
+def _size(param: Parameter, path: str) -> int:
+    """How many grid values one parameter has, counted without listing them (an int range may be 1e12 wide);
+    ``FieldError`` past ``MAX_GRID``, the most a grid lists."""
+    if isinstance(param, CategoricalParam):
+        count = len(param.choices)
+    elif isinstance(param, IntParam):
+        count = (param.high - param.low) // (param.step or 1) + 1
+    elif param.step is None:
         raise FieldError(
             path, "a grid needs a step for a float parameter (add step:, or use method: random or bayesian)"
         )
-    count = math.floor((param.high - param.low) / param.step + 1e-9) + 1
+    else:
+        ratio = (param.high - param.low) / param.step  # inf when the span overflows (-1e308 to 1e308)
+        count = math.floor(ratio + 1e-9) + 1 if ratio < _HUGE else _HUGE
     if count > MAX_GRID:
-        raise FieldError(path, f"has {count} grid values; use a larger step")
-    # 12 significant digits keep 0.1 + 3*0.05 from becoming 0.25000000000000006 (Optuna would reject it)
-    # without collapsing tiny steps (1e-14) to zero.
-    return [float(f"{param.low + k * param.step:.12g}") for k in range(count)]
+        shown = str(count) if count < _HUGE else f"more than {_HUGE:.0e}"
+        raise FieldError(path, f"has {shown} grid values (a grid lists at most {MAX_GRID}); use a larger step, or "
+                         "method: random or bayesian")
+    return count
 
 
 def _count(params: Mapping[str, Parameter], path: str) -> int:
@@ -172,7 +189,7 @@ def _count(params: Mapping[str, Parameter], path: str) -> int:
                 for c in param.choices
             )
         else:
-            total *= len(_values(param, here))
+            total *= _size(param, here)
         if total > MAX_GRID:
             raise FieldError("parameters", f"the grid has more than {MAX_GRID} points; use fewer values")
     return total

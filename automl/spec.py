@@ -7,8 +7,10 @@ raises ``SpecError`` whose text is one line naming the file, the field path and 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +29,13 @@ from pydantic import (
 from automl.errors import SpecError
 
 MAX_SPEC_BYTES = 1 << 20  # a spec is a page of YAML; anything larger is a mistake or an attack
+# Caps on numbers, so that an absurd value is refused here rather than breaking something later:
+MAX_INT_DIGITS = 100  # any integer in a spec; Python refuses to read more than 4300 digits, and nothing needs 100
+MAX_PARAM_INT = 2**53  # int parameters' bounds and step: Optuna samples integers as floats, exact up to 2**53
+MAX_SEED = 2**31 - 1  # seed + trial number (the seed of a trial, and of a resumed sampler) stays in NumPy's range
+MAX_TRIALS = 10_000_000  # budget.trials
+MAX_CONCURRENT = 10_000  # budget.max_concurrent: one Ray actor each
+MAX_EPOCHS = 1_000_000_000  # early_stopping.min_epochs (Hyperband takes logarithms of it)
 
 METHODS = ("grid", "random", "bayesian", "tpe", "gp", "cmaes", "qmc", "nsga2")
 EARLY_STOPPING = ("none", "asha", "hyperband", "median")
@@ -84,6 +93,10 @@ class IntParam(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> IntParam:
+        for name, value in (("low", self.low), ("high", self.high), ("step", self.step)):
+            if value is not None and abs(value) > MAX_PARAM_INT:
+                raise FieldError(name, f"must be between -2**53 and 2**53 ({MAX_PARAM_INT}): Optuna samples integers "
+                                 f"as floats, which are exact only up to there (got {_short(value)})")
         _check_bounds(self.low, self.high, self.log, self.step)
         if self.step is not None and (self.high - self.low) % self.step:
             raise FieldError(
@@ -194,20 +207,25 @@ def parse_duration(value: Any) -> float | None:
     if isinstance(value, bool):
         raise ValueError(f"must be a duration such as 90s, 10m or 2h (got {value!r})")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past 1e308
+            raise ValueError(f"must be a finite duration (got {_short(value)})") from None
     else:
         match = _DURATION.match(str(value))
         if not match:
             raise ValueError(f"must be a duration such as 90s, 10m or 2h (got {value!r})")
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"must be a finite duration (got {_short(value)})")
     if seconds <= 0:
-        raise ValueError(f"must be > 0 (got {value!r})")
+        raise ValueError(f"must be > 0 (got {_short(value)})")
     return seconds
 
 
 class BudgetSpec(_Model):
-    trials: int | None = Field(default=None, ge=1)
-    max_concurrent: int | None = Field(default=None, ge=1)
+    trials: int | None = Field(default=None, ge=1, le=MAX_TRIALS)
+    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_CONCURRENT)
     time: float | None = None
     trial_time: float | None = None
     max_failures: int | None = Field(default=None, ge=1)
@@ -220,7 +238,7 @@ class BudgetSpec(_Model):
 
 class EarlyStoppingSpec(_Model):
     method: Literal["none", "asha", "hyperband", "median"] = "none"
-    min_epochs: int = Field(default=1, ge=1)
+    min_epochs: int = Field(default=1, ge=1, le=MAX_EPOCHS)
     reduction_factor: int = Field(default=3, ge=2)
 
     @model_validator(mode="before")
@@ -276,7 +294,7 @@ class Spec(_Model):
     budget: BudgetSpec = BudgetSpec()
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
     resources: ResourcesSpec = ResourcesSpec()
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     fixed: dict[str, Any] = Field(default_factory=dict)
     parameters: dict[str, Parameter] = Field(min_length=1)
     # Configurations tried first, in order (Ray Tune's name; Optuna's enqueue_trial): known-good defaults, or
@@ -381,7 +399,7 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
     """Safe-load YAML (no tags that build Python objects) into a mapping; refuse alias bombs and deep nesting."""
     import yaml
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # safe loaders only: no !!python tags
+    loader = _safe_loader()
     try:
         node = yaml.compose(text, Loader=loader)
         if node is not None:
@@ -396,45 +414,85 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
         raise SpecError(f"nesting deeper than {MAX_YAML_DEPTH} levels; a spec is a few levels deep",
                         source=source) from None
     except _YamlRefused as exc:
-        raise SpecError(str(exc), source=source) from None
+        raise SpecError(exc.message, path=exc.path, source=source) from None
     if not isinstance(data, dict):
         raise SpecError("must be a YAML mapping of fields (name, trainer, metric, parameters, ...)", source=source)
     return data
 
 
+@functools.cache
+def _safe_loader() -> Any:
+    """The safe loader (no tags that build Python objects), whose values that cannot be built (a timestamp
+    2001-13-45) are YAML errors with a line, not a ``ValueError`` from inside the constructor."""
+    import yaml
+
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # safe loaders only: no !!python tags
+
+    class Loader(base):  # type: ignore[misc,valid-type]
+        def construct_object(self, node: Any, deep: bool = False) -> Any:
+            try:
+                return super().construct_object(node, deep=deep)
+            except (ValueError, OverflowError) as exc:
+                kind = str(node.tag).rsplit(":", 1)[-1]
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{_short(node.value)} is not a valid {kind} ({_first_line(exc)}); quote it to keep "
+                    "it as text", node.start_mark) from None
+
+    return Loader
+
+
 class _YamlRefused(Exception):
-    pass
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+
+
+_INT_TAG = "tag:yaml.org,2002:int"
 
 
 def _check_yaml_size(root: Any) -> None:
-    """Count the nodes the document would have once aliases are expanded (memoised: linear time)."""
+    """Count the nodes the document would have once aliases are expanded (memoised: linear time); refuse
+    repeated keys and integers of more than ``MAX_INT_DIGITS`` digits (naming their field)."""
     sizes: dict[int, int] = {}
 
-    def size(node: Any, depth: int) -> int:
+    def size(node: Any, depth: int, path: str) -> int:
         if depth > MAX_YAML_DEPTH:
             raise _YamlRefused(f"nesting deeper than {MAX_YAML_DEPTH} levels; a spec is a few levels deep")
         key = id(node)
         if key in sizes:
             return sizes[key]
         total = 1
+        if node.tag == _INT_TAG and isinstance(node.value, str):
+            text = node.value.lstrip("+-").replace("_", "").replace(":", "")
+            digits = len(text[2:] if text[:2].lower() in ("0x", "0b", "0o") else text)
+            if digits > MAX_INT_DIGITS:
+                raise _YamlRefused(f"integer of {digits} digits (line {node.start_mark.line + 1}); a spec's integers "
+                                   f"have at most {MAX_INT_DIGITS} digits", path)
         if isinstance(node.value, list) and node.tag.endswith(":map"):
             keys = [k.value for k, _ in node.value if isinstance(getattr(k, "value", None), str)]
-            repeated = sorted({k for k in keys if keys.count(k) > 1})
+            repeated = sorted(k for k, n in Counter(keys).items() if n > 1)  # Counter: linear in the keys
             if repeated:
                 mark = node.start_mark
                 raise _YamlRefused(f"line {mark.line + 1}: key '{repeated[0]}' appears twice in the same mapping; "
                                     "keep one")
         if isinstance(node.value, list):
-            for item in node.value:
-                for child in item if isinstance(item, tuple) else (item,):
-                    total += size(child, depth + 1)
+            for i, item in enumerate(node.value):
+                children: tuple[tuple[Any, str], ...]
+                if isinstance(item, tuple):  # a mapping's (key, value)
+                    name = item[0].value if isinstance(item[0].value, str) else str(i)
+                    children = ((item[0], path), (item[1], f"{path}.{name}" if path else name))
+                else:
+                    children = ((item, f"{path}.{i}" if path else str(i)),)
+                for child, where in children:
+                    total += size(child, depth + 1, where)
                     if total > MAX_YAML_NODES:
                         raise _YamlRefused(
                             f"more than {MAX_YAML_NODES} values once aliases are expanded (an alias bomb?)")
         sizes[key] = total
         return total
 
-    size(root, 0)
+    size(root, 0, "")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -456,10 +514,44 @@ def spec_from_dict(
     raw: dict[str, Any], *, source: str = "spec", overrides: dict[str, Any] | None = None
 ) -> Spec:
     raw = apply_overrides(dict(raw), overrides)
+    _check_int_sizes(raw, "", source)
     try:
         return Spec.model_validate(raw)
     except ValidationError as exc:
         raise _spec_error(exc, source) from None
+
+
+def _check_int_sizes(value: Any, path: str, source: str, depth: int = 0) -> None:
+    """The YAML rule for mappings built in Python or from JSON: no integer of more than ``MAX_INT_DIGITS``
+    digits anywhere (a 5000-digit integer cannot even be printed in an error line)."""
+    if depth > MAX_YAML_DEPTH:
+        return  # the model refuses what it does not expect; this only looks for huge integers
+    items: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(item, int) and not isinstance(item, bool) and _digits(item) > MAX_INT_DIGITS:
+            raise SpecError(f"integer of {_digits(item)} digits; a spec's integers have at most {MAX_INT_DIGITS} "
+                            "digits", path=where, source=source)
+        _check_int_sizes(item, where, source, depth + 1)
+
+
+def _digits(value: int) -> int:
+    bits = abs(value).bit_length()
+    # str() of an int past 4300 digits raises; log10(2) per bit is within one digit of the exact count
+    return len(str(abs(value))) if bits < 10_000 else int(bits * math.log10(2)) + 1
+
+
+def _short(value: Any) -> str:
+    """``repr`` for an error line: huge integers and long texts shortened."""
+    if isinstance(value, int) and not isinstance(value, bool) and _digits(value) > 30:
+        return f"an integer of {_digits(value)} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _name_from_path(path: Path) -> str:
@@ -521,5 +613,5 @@ def _message(err: Any) -> str:
     message = message.removeprefix("Value error, ")
     message = message[0].lower() + message[1:] if message else message
     if "(got" not in message and kind not in ("model_type", "dict_type") and not isinstance(got, dict | list):
-        message += f" (got {got!r})"
+        message += f" (got {_short(got)})"
     return message

@@ -100,3 +100,81 @@ def journal_path(folder: Path) -> Path:
 
 def best_bundle_path(folder: Path) -> Path:
     return folder / "best_model"
+
+
+def trial_bundle_path(folder: Path, number: int) -> Path:
+    """Where the model of trial ``number`` is kept while it is (or is about to become) the best."""
+    return folder / "models" / f"trial-{number:05d}"
+
+
+def log_path(root: Path) -> Path:
+    """What libraries print (Ray's start-up lines, MLflow's migrations, the writer's errors): not the terminal."""
+    return root / "automl.log"
+
+
+LOCK_FILE = "driver.lock"
+
+
+class SweepLock:
+    """An exclusive lock on a sweep's state folder, held by its one driver for the driver's whole life.
+
+    Two drivers on one journal would both hand out the same trial numbers and lose results; the second
+    ``run``/``resume`` is refused in one line that names the process holding the sweep. The lock is the
+    operating system's (``flock``): it goes with the process, however it dies, so a killed driver never
+    leaves a stale lock behind.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._fd: int | None = None
+
+    def acquire(self, sweep_id: str) -> SweepLock:
+        import fcntl
+        import socket
+        import sys
+        import time
+
+        from automl.errors import AutoMLError
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _lock_holder(path)
+            raise AutoMLError(
+                f"sweep {sweep_id} is already running{holder}; wait for it to end, or stop it "
+                "(Ctrl-C in its terminal, or kill -TERM the process) and then resume it") from None
+        # The program and its subcommand only: later arguments may hold a password (--tracking-uri).
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:2]]) if sys.argv else "python"}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock; the file stays (a new driver rewrites it)
+            self._fd = None
+
+    def __enter__(self) -> SweepLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _lock_holder(path: Path) -> str:
+    import time
+
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return ""
+    if not info.get("pid"):
+        return ""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("since", 0))))
+    return f" in process {info['pid']} on {info.get('host', '?')} (`{info.get('command', 'automl')}`, since {since})"

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,12 +60,55 @@ def make_client(tracking_uri: str) -> MlflowClient:
     _quiet_mlflow()
     from mlflow import MlflowClient
 
-    if tracking_uri.startswith("sqlite:"):
-        _sqlite_wal()
-    return MlflowClient(tracking_uri=tracking_uri)
+    if not tracking_uri.startswith("sqlite:"):
+        return MlflowClient(tracking_uri=tracking_uri)
+    _sqlite_wal()
+    # MLflow creates a new store's tables with Alembic migrations when it first opens it (the client's
+    # constructor does); two processes doing that at once break the file for good ("table
+    # _alembic_tmp_metrics already exists"). Under the lock the second process waits, then finds the tables.
+    with store_creation_lock(tracking_uri):
+        return MlflowClient(tracking_uri=tracking_uri)
+
+
+@contextlib.contextmanager
+def store_creation_lock(tracking_uri: str) -> Iterator[None]:
+    """An exclusive lock, across processes on this machine, around opening an embedded (SQLite) store.
+
+    The lock is a separate hidden file beside the database: never the database itself, whose POSIX locks
+    SQLite would lose when another descriptor of the file is closed.
+    """
+    import fcntl
+
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        yield
+        return
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # a read-only folder: nobody can create the store there either
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``None`` for anything else, or an in-memory database)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    rest = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(rest).resolve() if rest and rest != ":memory:" else None
 
 
 def _quiet_mlflow() -> None:
+    # MLflow prints "View run ... at: <tracking URI>/#/..." on every run it ends over HTTP: the URI may hold a
+    # password, and the lines are not ours to show.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -133,26 +176,32 @@ class SweepTracker:
     user's script that calls ``Sweep.run()`` without an ``if __name__ == "__main__"`` guard.
     """
 
-    def __init__(self, tracking_uri: str, *, trials: bool = True) -> None:
+    def __init__(self, tracking_uri: str, *, trials: bool = True, log_file: Path | None = None) -> None:
         """Start the writer process now (it imports MLflow, ~2 s of CPU, while the sweep starts up);
-        it writes nothing until ``open`` names the parent run. ``trials=False`` writes no child runs."""
+        it writes nothing until ``open`` names the parent run. ``trials=False`` writes no child runs.
+        ``log_file`` receives what MLflow and its libraries print (default: this process's stderr)."""
         import subprocess
-        import sys
         import threading
 
         self.tracking_uri = tracking_uri
         self.trials = trials
+        self.log_file = log_file
         self.experiment_id = ""
         self.parent_run_id = ""
         self._run_ids: dict[int, str] = {}
         self._errors: list[str] = []
         self._flushed = 0
         self._asked = 0
+        self._unflushed = False  # something was sent since the last acknowledged flush
         self._cond = threading.Condition()
-        env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+        env = writer_environment(tracking_uri)
+        if log_file is not None:
+            env["AUTOML_LOG_FILE"] = str(log_file)  # opened by the writer once the sweep has its state folder
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "automl._mlflow_writer", tracking_uri],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            writer_command(), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            # Its own session: a terminal's Ctrl-C (SIGINT to the whole foreground process group) stops the driver,
+            # which then records the stop through this process; the writer itself ends when its stdin closes.
+            start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read_replies, name="mlflow-writer-replies", daemon=True)
         self._reader.start()
@@ -184,21 +233,28 @@ class SweepTracker:
         self.experiment_id, self.parent_run_id = experiment_id, run_id
         self._send(["open", 0, [experiment_id, run_id]])
 
-    def close_stale_trials(self) -> dict[int, str]:
-        """Resuming: child runs a killed driver left RUNNING become KILLED; returns trial number -> run id."""
+    def child_runs(self) -> dict[int, tuple[str, str]]:
+        """Resuming: the trial runs the parent run already has, trial number -> (run id, MLflow status)."""
         runs = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
             max_results=50_000, order_by=["attributes.start_time ASC"],
         )
-        by_trial: dict[int, str] = {}
+        found: dict[int, tuple[str, str]] = {}
         for run in runs:
-            if run.info.status == "RUNNING":
-                self.client.set_terminated(run.info.run_id, status="KILLED")
-                self.client.set_tag(run.info.run_id, TAG_STATE, "KILLED")
             trial = run.data.tags.get(TAG_TRIAL)
             if trial is not None and trial.isdigit():
-                by_trial[int(trial)] = run.info.run_id
-        return by_trial
+                found[int(trial)] = (run.info.run_id, run.info.status)
+        return found
+
+    def kill_run(self, run_id: str, reason: str) -> None:
+        """Close a child run left RUNNING by a killed driver whose trial will run again under a new number."""
+        _log_batch(self.client, run_id, tags={TAG_STATE: "KILLED", "automl.error": reason})
+        self.client.set_terminated(run_id, status="KILLED")
+
+    def trial_adopted(self, number: int, run_id: str) -> None:
+        """Resuming: trial ``number``'s events go to its existing child run ``run_id`` (not a new one)."""
+        self._run_ids[number] = run_id
+        self._send(["adopt", number, run_id])
 
     def finish(
         self,
@@ -208,16 +264,31 @@ class SweepTracker:
         metrics: dict[str, float] | None = None,
         tags: dict[str, str] | None = None,
     ) -> None:
-        """Flush every trial, then write the sweep's summary and close the parent run."""
-        self.close()
+        """Flush every trial, then write the sweep's summary and close the parent run.
+
+        A writer that died with trial records unwritten still leaves the parent run closed (FAILED, the error in
+        its ``automl.error`` tag: `automl resume` re-creates what is missing), and then raises ``AutoMLError``.
+        """
+        from automl.errors import AutoMLError
+
+        lost: str | None = None
+        try:
+            self.close()
+        except AutoMLError as exc:
+            lost = str(exc)
+        tags = dict(tags or {})
+        if lost is not None:
+            status, tags["automl.error"] = "FAILED", lost
         now = _now_ms()
         _log_batch(
             self.client, self.parent_run_id,
             params=params or {},
             metrics=[(k, float(v), now, 0) for k, v in (metrics or {}).items()],
-            tags=tags or {},
+            tags=tags,
         )
         self.client.set_terminated(self.parent_run_id, status=status, end_time=now)
+        if lost is not None:
+            raise AutoMLError(lost)
 
     # -------------------------------------------------------------- trials (non-blocking)
 
@@ -242,7 +313,7 @@ class SweepTracker:
         return self._run_ids.get(number)
 
     def flush(self, timeout: float = 600.0) -> None:
-        """Wait until the writer has written everything sent so far."""
+        """Wait until the writer has written everything sent so far; ``AutoMLError`` if it died first."""
         self._asked += 1
         target = self._asked
         self._send(["flush", target, None])
@@ -253,16 +324,20 @@ class SweepTracker:
             while not (self._flushed >= target or self._proc.poll() is not None) and time.monotonic() < deadline:
                 self._cond.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
             if self._flushed < target and not self._errors:
-                self._errors.append(f"the MLflow writer stopped (exit code {self._proc.poll()})")
+                self._errors.append(self._stopped())
+            if self._flushed >= target and not self._errors:
+                self._unflushed = False
         self._raise_errors()
 
     def close(self) -> None:
+        """Stop the writer; ``AutoMLError`` when it died with records not yet written (they are lost to MLflow
+        until a resume writes them again from the search state)."""
         try:
             if not self.parent_run_id:
                 # Never opened (bad data, a trainer that failed to load): the writer has written nothing and
                 # would exit on a flush without replying; do not wait for its MLflow import either.
                 self._proc.kill()
-            elif self._proc.poll() is None:
+            elif self._proc.poll() is None or self._unflushed:
                 self.flush()
         finally:
             if self._proc.stdin is not None and not self._proc.stdin.closed:
@@ -271,8 +346,14 @@ class SweepTracker:
             self._proc.wait(timeout=60)
             self._reader.join(timeout=5)
 
+    def _stopped(self) -> str:
+        where = f"; its output is in {self.log_file}" if self.log_file else ""
+        return f"the MLflow writer stopped (exit code {self._proc.poll()}) before writing every trial{where}"
+
     def _send(self, message: list[Any]) -> None:
         stdin = self._proc.stdin
+        if message[0] != "flush":
+            self._unflushed = True
         try:
             if stdin is None:
                 raise ValueError("no pipe")
@@ -280,7 +361,7 @@ class SweepTracker:
             stdin.flush()
         except (BrokenPipeError, ValueError):
             with self._cond:
-                self._errors.append(f"the MLflow writer stopped (exit code {self._proc.poll()})")
+                self._errors.append(self._stopped())
 
     def _read_replies(self) -> None:
         stdout = self._proc.stdout
@@ -307,16 +388,36 @@ class SweepTracker:
             raise AutoMLError("MLflow: " + self._errors[0])
 
 
-def writer_main(tracking_uri: str) -> None:
+def writer_command() -> list[str]:
+    """The writer's command line: no tracking URI on it (``ps`` shows arguments to everyone), and ``-P`` so that
+    the working directory is not on its import path (a ``./mlflow.py`` next to a spec must never be imported)."""
+    import sys
+
+    return [sys.executable, "-P", "-m", "automl._mlflow_writer"]
+
+
+def writer_environment(tracking_uri: str) -> dict[str, str]:
+    """The helper processes' environment: the tracking URI (which may hold a password) travels here."""
+    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "PYTHONSAFEPATH": "1"}
+
+
+def writer_main(tracking_uri: str | None = None) -> None:
     """The writer process: read JSON-line events on stdin, apply them to MLflow, reply on stdout.
 
     A reader thread empties stdin at once (the driver never blocks on a full pipe); the main thread writes
     to MLflow, coalescing whatever has arrived since its last round.
     """
     import queue
+    import signal
     import sys
+    import tempfile
     import threading
 
+    # Ctrl-C belongs to the driver: it records the interrupted trials through this process, which must live on to
+    # write them. (The writer runs in its own session; this also covers a SIGINT sent to it by PID.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tracking_uri = tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
     inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     def read() -> None:
@@ -325,6 +426,12 @@ def writer_main(tracking_uri: str) -> None:
         inbox.put(None)  # end-of-file: the driver closed the pipe or died
 
     threading.Thread(target=read, daemon=True).start()
+    # What MLflow and its libraries print goes to the state folder's log file (AUTOML_LOG_FILE), which exists only
+    # once the sweep starts for real: until the "open" message, it is held in an anonymous temporary file.
+    log_file = os.environ.get("AUTOML_LOG_FILE")
+    early = tempfile.TemporaryFile() if log_file else None
+    if early is not None:
+        os.dup2(early.fileno(), 2)
     # Replies go to the original stdout; anything a library prints lands on stderr instead of in the protocol.
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -340,6 +447,16 @@ def writer_main(tracking_uri: str) -> None:
     if first is None or first[0] != "open":
         return  # the sweep ended before it had a parent run (bad data, a trainer that failed to load)
     experiment_id, parent_run_id = first[2]
+    if log_file and early is not None:
+        sys.stderr.flush()
+        os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        early.seek(0)
+        os.write(fd, early.read())
+        early.close()
+        os.dup2(fd, 2)
+        os.dup2(fd, 1)
+        os.close(fd)
     writer = _TrialWriter(make_client(tracking_uri), experiment_id, parent_run_id, reply)
     stopping = False
     while not stopping:
@@ -380,6 +497,9 @@ class _TrialWriter:
                 flushes.append(number)
                 continue
             t = self.trials.setdefault(number, _TrialLog())
+            if kind == "adopt":  # resuming: this trial's run exists already
+                t.run_id = payload
+                continue
             dirty[number] = t
             if kind == "start":
                 t.params, t.start_ms = dict(payload[0]), payload[2]

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,10 +25,11 @@ Outcome = tuple[subprocess.CompletedProcess[str], Path]  # the finished command,
 GOOD = "trainer: mlp\nmetric: val_accuracy\nparameters:\n  lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}\n"
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, cwd: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "FORCE_COLOR", "TTY_COMPATIBLE")}
     env["COLUMNS"] = "80"  # a narrow terminal must not wrap the one error line
+    env.update(env_extra or {})
     return subprocess.run([*AUTOML, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
                           check=False)
 
@@ -122,6 +124,115 @@ def test_validate_refuses_cmaes_over_categoricals(tmp_path: Path) -> None:
 def test_error_line_shows_brackets_from_the_spec_verbatim(tmp_path: Path) -> None:
     (tmp_path / "spec.yaml").write_text('name: "[/red]x"\n' + GOOD)
     assert_one_line_error(cli("validate", "spec.yaml", cwd=tmp_path), "name", "'[/red]x'")
+
+
+# --------------------------------------------------------------------------------------------- bad inputs
+
+# The spec is fine; what it points at is not. validate reads the data file's header and parses the trainer's
+# source (automl/preflight.py): refused before anything starts, in one line. name -> (spec's data and trainer
+# lines, files next to the spec, text the error line must contain).
+DATA_CSV = "a,y\n1,p\n2,q\n"
+MISSING_PACKAGE = "automl_no_such_package_xyz"
+TRAIN = "def train(params, data, report):\n    return None\n"
+PLUGIN_INFO = "plugins/automl_ghost_plugin-0.1.dist-info"
+BAD_INPUTS: dict[str, tuple[str, dict[str, str | bytes], tuple[str, ...]]] = {
+    "missing-data-file": ("data: {source: nope.csv, target: y}\n", {},
+                          ("bad.yaml: data.source: file not found", "nope.csv", "spec file's folder")),
+    "missing-target-csv": ("data: {source: d.csv, target: label}\n", {"d.csv": DATA_CSV},
+                           ("bad.yaml: data.target: column 'label' not found in d.csv; use one of: a, y",)),
+    "missing-target-parquet": ("data: {source: d.parquet, target: label}\n", {"d.parquet": "parquet"},
+                               ("bad.yaml: data.target: column 'label' not found in d.parquet; use one of: a, y",)),
+    "no-target-for-a-file": ("data: {source: d.csv}\n", {"d.csv": DATA_CSV},
+                             ("bad.yaml: data.target: name the column to predict", "d.csv has: a, y")),
+    "trainer-syntax-error": ("trainer: 'my:train'\n", {"my.py": "def train(params, data, report)\n    pass\n"},
+                             ("bad.yaml: trainer 'my:train': syntax error in my.py, line 1: expected ':'",)),
+    "trainer-imports-missing-package": (
+        "trainer: 'my:train'\n", {"my.py": f"import {MISSING_PACKAGE}\n{TRAIN}"},
+        (f"bad.yaml: trainer 'my:train': my.py imports '{MISSING_PACKAGE}' (line 1), which is not installed",)),
+    "trainer-lacks-the-function": ("trainer: 'my:train'\n", {"my.py": TRAIN.replace("train", "fit")},
+                                   ("bad.yaml: trainer 'my:train': module 'my' has no attribute 'train'",)),
+    "registered-trainer-module-missing": (
+        "trainer: ghost\n",
+        {f"{PLUGIN_INFO}/METADATA": "Metadata-Version: 2.1\nName: automl_ghost_plugin\nVersion: 0.1\n",
+         f"{PLUGIN_INFO}/entry_points.txt": "[automl.trainers]\nghost = automl_ghost_plugin:GhostTrainer\n"},
+        ("bad.yaml: trainer 'ghost': module 'automl_ghost_plugin' is not installed", "reinstall")),
+}
+
+
+def _write_inputs(cwd: Path, spec_lines: str, files: dict[str, str | bytes]) -> None:
+    lines = GOOD.splitlines(keepends=True)
+    if spec_lines.startswith("trainer:"):
+        lines[0] = spec_lines
+    else:
+        lines.append(spec_lines)
+    (cwd / "bad.yaml").write_text("".join(lines), encoding="utf-8")
+    for name, content in files.items():
+        path = cwd / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content == "parquet":
+            import pandas as pd
+
+            pd.DataFrame({"a": [1, 2], "y": ["p", "q"]}).to_parquet(path)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+    """``automl validate`` of every BAD_INPUTS case, two at a time (a plugin's metadata found on PYTHONPATH)."""
+    jobs = []
+    for name, (spec_lines, files, _) in BAD_INPUTS.items():
+        cwd = tmp_path_factory.mktemp(f"inputs-{name}")
+        _write_inputs(cwd, spec_lines, files)
+        jobs.append((name, cwd))
+
+    def validate(cwd: Path) -> subprocess.CompletedProcess[str]:
+        pythonpath = os.pathsep.join(p for p in (str(cwd / "plugins"), os.environ.get("PYTHONPATH")) if p)
+        return cli("validate", "bad.yaml", cwd=cwd, env_extra={"PYTHONPATH": pythonpath})
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(lambda job: validate(job[1]), jobs))
+    return {name: (proc, cwd) for (name, cwd), proc in zip(jobs, procs, strict=True)}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_validate_refuses_bad_inputs_with_one_line(bad_input_runs: dict[str, Outcome], name: str) -> None:
+    proc, cwd = bad_input_runs[name]
+    assert_one_line_error(proc, *BAD_INPUTS[name][2])
+    assert proc.stdout == ""  # refused before the resolved spec is printed
+    for store in STORE:
+        assert not (cwd / store).exists(), store
+
+
+def test_validate_refuses_a_missing_data_file_without_heavy_imports(tmp_path: Path) -> None:
+    """The refusal imports no pandas, Ray, MLflow or torch: what keeps it under DESIGN.md's 1 s (measured by
+    benchmarks/cli_latency.py; only a loose bound here, timed tests flake)."""
+    _write_inputs(tmp_path, *BAD_INPUTS["missing-data-file"][:2])
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "automl.cli", "validate", "bad.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert len(errors) == 1, errors
+    assert "data.source: file not found" in errors[0]
+    imported = {line.rpartition("|")[2].strip().split(".")[0] for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert not imported & {"pandas", "pyarrow", "ray", "mlflow", "torch", "sklearn"}
+    assert seconds < 10, seconds
+
+
+def test_validate_never_runs_the_trainer_module(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(GOOD.replace("trainer: mlp", "trainer: 'marked:train'"))
+    (tmp_path / "marked.py").write_text(f"from pathlib import Path\n\nPath(__file__).with_name('MARKER').touch()\n"
+                                        f"{TRAIN}")
+    proc = cli("validate", "bad.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "ok: bad.yaml"
+    assert not (tmp_path / "MARKER").exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"bad.yaml", "marked.py"}
 
 
 # --------------------------------------------------------------------------------------------- good paths

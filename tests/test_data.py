@@ -12,7 +12,7 @@ from PIL import Image
 
 from automl.backend import fit_folds
 from automl.data import infer_task, prepare
-from automl.errors import DataError, SpecError
+from automl.errors import DataError, ExportError, SpecError
 from automl.spec import DataSpec, spec_from_dict
 from automl.trainer import Dataset, StopTrial
 
@@ -105,6 +105,91 @@ def test_data_task_overrides_the_inferred_task(tmp_path: Path) -> None:
     regression = prepare(data_spec(source="d.csv", target="y", task="regression"), base_dir=tmp_path).dataset
     assert regression.task == "regression"
     assert regression.classes == []
+
+
+# --------------------------------------------------------------------------------------------- wide text columns
+
+
+def id_frame(n: int = 5000, seed: int = 0) -> pd.DataFrame:
+    """A row number (in any order), a unique text ID, a code of 300 values, a colour and a number; the label
+    depends on the code and the number only."""
+    rng = np.random.default_rng(seed)
+    code = rng.integers(0, 300, n)
+    x = rng.normal(size=n)
+    frame = pd.DataFrame({
+        "row_id": np.arange(1, n + 1),
+        "uid": [f"u{v:07d}" for v in rng.permutation(10**6)[:n]],
+        "code": [f"c{v}" for v in code],
+        "colour": rng.choice(["red", "green", "blue"], n),
+        "x": x,
+        "label": np.where(x + (code < 100) > 0.5, "yes", "no"),
+    })
+    return frame.sample(frac=1.0, random_state=seed)
+
+
+def test_id_like_and_row_number_columns_are_dropped_and_wide_text_columns_capped(tmp_path: Path) -> None:
+    from automl.bundle import ModelBundle, pack_model, write_bundle
+    from automl.data import MAX_CATEGORIES
+    from trainers.sklearn_models import LogisticRegressionTrainer
+
+    id_frame().to_csv(tmp_path / "ids.csv", index=False)
+    prepared = prepare(data_spec(source="ids.csv", target="label"), base_dir=tmp_path)
+    ds = prepared.dataset
+    # x, the 3 colours, and the code's most frequent values with one column shared by the rest: one-hot encoding
+    # everything gave 1 + 5000 + 300 + 3 dense columns (200k IDs asked for 191 GiB).
+    assert ds.n_features == 1 + 3 + MAX_CATEGORIES
+    assert ds.X_train.shape == (4000, 34)
+    assert "code_infrequent_sklearn" in ds.feature_names
+    assert not [name for name in ds.feature_names if name.startswith(("uid", "row_id"))]
+    assert prepared.notes == [
+        "dropped 'row_id' (a row number: the integers 1 to 5000, each once)",
+        "dropped 'uid' (ID-like: 5000 distinct values in 5000 rows)",
+        f"one-hot capped at {MAX_CATEGORIES} categories: 'code' (300 distinct); the rarer values and values unseen "
+        "in training share one column",
+    ]
+    # The input contract is unchanged: an exported model takes the file's raw rows, dropped columns included.
+    assert prepared.columns == ["row_id", "uid", "code", "colour", "x"]
+
+    model = LogisticRegressionTrainer().fit({}, ds, lambda step, metrics: None)
+    packed = pack_model(model)
+    assert packed is not None
+    bundle = ModelBundle(write_bundle(tmp_path / "bundle", packed, prepared, info={}))
+    assert list(bundle.predict(prepared.raw_val)) == [ds.classes[i] for i in model.predict(ds.X_val)]
+    rows = prepared.raw_val.head(4).copy()
+    renamed = rows.assign(uid=["new-1", "new-2", "new-3", "new-4"], row_id=[5001, 5002, 5003, -7])
+    assert (bundle.predict(renamed) == bundle.predict(rows)).all()  # an ID, known or new, changes nothing
+    unseen = rows.assign(code=["never-seen", "c-1", None, "c42"])
+    features = bundle.features(unseen)
+    rare = ds.feature_names.index("code_infrequent_sklearn")
+    assert features[:2, rare].tolist() == [1.0, 1.0]  # unseen values share the rare values' column
+    assert set(bundle.predict(unseen)) <= {"yes", "no"}
+
+
+def test_a_table_of_only_identifiers_is_refused_in_one_line(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"n": range(100), "name": [f"person {i}" for i in range(100)], "y": ["a", "b"] * 50})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(DataError, match=r"^data\.source: every feature column is an identifier or a row number "
+                       r"\(dropped 'n' \(a row number: the integers 0 to 99, each once\)\)"):
+        prepare(data_spec(source="d.csv", target="y"), base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["digits", "iris", "wine", "breast_cancer", "diabetes"])
+def test_bundled_datasets_keep_every_column(name: str) -> None:
+    prepared = prepare(data_spec(source=f"sklearn:{name}"))
+    assert prepared.notes == []  # no number taken for a row number, no text column
+    assert prepared.dataset.feature_names == prepared.columns
+
+
+def test_small_tables_and_few_categories_keep_their_columns(tmp_path: Path) -> None:
+    frame = mixed_frame(120).assign(rank=np.arange(120), city=[f"city{i % 25}" for i in range(120)])
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    prepared = prepare(data_spec(source="d.csv", target="label"), base_dir=tmp_path)
+    assert "rank" not in prepared.dataset.feature_names  # 0..119 each once: a row number
+    assert sum(name.startswith("city_") for name in prepared.dataset.feature_names) == 25
+    assert prepared.notes == ["dropped 'rank' (a row number: the integers 0 to 119, each once)"]
+    small = pd.DataFrame({"n": np.arange(30), "y": ["a", "b", "c"] * 10})  # 30 rows: may be a count, kept
+    small.to_csv(tmp_path / "small.csv", index=False)
+    assert prepare(data_spec(source="small.csv", target="y"), base_dir=tmp_path).notes == []
 
 
 # --------------------------------------------------------------------------------------------- k-fold
@@ -434,7 +519,12 @@ def test_k_fold_sweep_logs_the_mean_and_per_fold_metrics_and_exports_fold_1s_mod
     assert result.best.value == pytest.approx(min(t.value for t in result.trials if t.value is not None))
 
     # The exported model is fold 1's, with fold 1's preprocessing: it predicts raw rows as fold 1's model does.
-    bundle = ModelBundle(best_bundle_path(result.state_dir))
+    # Its loader is the user's own module: the sweep trusted it to log the model (result.best.model_uri); anyone
+    # opening the bundle later names it (the CLI's --trust-module), as it is not a registered trainer's package.
+    assert result.best.model_uri
+    with pytest.raises(ExportError, match="pass --trust-module kfold_trainers if you wrote it"):
+        ModelBundle(best_bundle_path(result.state_dir))
+    bundle = ModelBundle(best_bundle_path(result.state_dir), trusted_modules=["kfold_trainers"])
     raw = frame.drop(columns="label")
     mine, _ = train_fold(result.best.params["temperature"], prepared.folds[0])
     expected_labels = np.asarray(prepared.dataset.classes)[mine.predict(prepared.preprocessor.transform(raw))]

@@ -49,8 +49,13 @@ def child_runs(workdir: Path, parent: str) -> dict[int, Any]:
 def test_a_worker_killed_mid_trial_is_retried_and_the_sweep_completes(workdir: Path) -> None:
     markers = workdir / "markers"
     markers.mkdir()
-    result = Sweep.from_dict(spec(trainer="toy_trainers:dies_once", fixed={"marker_dir": str(markers)}),
-                             base_dir=ASSETS, workdir=workdir).run()
+    notes: list[str] = []
+    # More trials at once than the 2 CPUs hold: the sweep runs what fits and says so (it used to wait 120 s for
+    # actors that could never start, then fail).
+    raw = spec(trainer="toy_trainers:dies_once", fixed={"marker_dir": str(markers)},
+               budget={"trials": 4, "max_concurrent": 8})
+    result = Sweep.from_dict(raw, base_dir=ASSETS, workdir=workdir).run(on_note=notes.append)
+    assert notes == ["budget.max_concurrent: 8 asked for; 2 run at once (1 CPU per trial on 2 CPUs)"]
     assert [t.state for t in result.trials] == ["COMPLETE"] * 4
     assert all(t.attempts == 2 for t in result.trials)
     assert len(list(markers.iterdir())) == 4  # each trial's first worker really died
@@ -99,3 +104,19 @@ def test_max_failures_stops_a_failing_sweep_with_a_clear_message(workdir: Path) 
                                    filter_string="tags.`automl.role` = 'sweep'")
     assert parent.info.status == "FAILED"
     assert len(child_runs(workdir, parent.info.run_id)) < 30
+
+
+def test_slots_never_exceed_what_the_cluster_runs_at_once() -> None:
+    from automl.orchestrator import MAX_ACTORS_PER_CPU, plan_slots
+
+    # resources.cpu: 0.001 would ask Ray for 2,000 actors (processes) on 2 CPUs: capped per CPU.
+    tiny = plan_slots(None, cpu=0.001, gpu=0, cluster={"CPU": 2.0}, trials=10_000)
+    assert tiny.slots == MAX_ACTORS_PER_CPU * 2
+    asked = plan_slots(5000, cpu=0.001, gpu=0, cluster={"CPU": 2.0}, trials=10_000)
+    assert asked.slots == MAX_ACTORS_PER_CPU * 2
+    assert asked.note is not None
+    assert "at most 4 trials per CPU" in asked.note
+    # GPUs bound it too; a sweep never holds more slots than it has trials.
+    assert plan_slots(None, cpu=0.5, gpu=0.25, cluster={"CPU": 2.0, "GPU": 1.0}, trials=20).slots == 4
+    assert plan_slots(16, cpu=1, gpu=0, cluster={"CPU": 32.0}, trials=3) == plan_slots(3, cpu=1, gpu=0,
+                                                                                      cluster={"CPU": 32.0}, trials=3)

@@ -92,11 +92,30 @@ def test_sweep_against_mlflow_server_and_postgres_search_state(
         "budget": {"trials": 4, "max_concurrent": 2},
         "parameters": {"C": {"type": "float", "low": 0.1, "high": 10, "log": True}},
     }
-    storage = f"{postgres}/optuna"
-    result = Sweep.from_dict(spec, base_dir=ASSETS, workdir=workdir, tracking_uri=mlflow_server,
-                             storage=storage).run()
+    # Passwords in both URLs (the server and PostgreSQL ignore them here: trust authentication): they reach the
+    # helper processes through the environment and are masked in every file the sweep writes.
+    storage = f"{postgres}/optuna".replace("automl@", "automl:secret-pg@")
+    tracking = mlflow_server.replace("http://", "http://u:secret-http@")
+    seen: list[str] = []
+
+    def command_lines(kind: str, record: object) -> None:
+        if kind == "started" and not seen:  # while the sweep runs: its writer process is up
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    seen.append(cmdline.read_bytes().decode(errors="replace"))
+                except OSError:
+                    continue
+
+    result = Sweep.from_dict(spec, base_dir=ASSETS, workdir=workdir, tracking_uri=tracking,
+                             storage=storage).run(on_event=command_lines)
     assert [t.state for t in result.trials] == ["COMPLETE"] * 4
     assert not (workdir / "mlflow.db").exists()  # nothing went to the embedded store
+    assert seen
+    assert not [line for line in seen if "secret" in line]
+    state_files = [p for p in (workdir / ".automl").rglob("*") if p.is_file()]
+    assert state_files
+    assert not [p for p in state_files if b"secret" in p.read_bytes()]
+    storage = f"{postgres}/optuna"
 
     study = optuna.load_study(study_name=result.sweep_id, storage=storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import optuna
 import pytest
 
+from automl.errors import SpecError
 from automl.samplers import check_method, make_sampler, sampler_name
 from automl.space import SearchSpace
 from automl.spec import METHODS, FieldError, spec_from_dict
@@ -164,6 +166,51 @@ def test_grid_size_refuses_an_enormous_grid() -> None:
                       "c": {"type": "int", "low": 0, "high": 9}})
     with pytest.raises(FieldError):
         space.grid_size()
+
+
+def _peak_bytes(call: Any) -> tuple[Any, int]:
+    """``call()``'s result (or the exception it raised) and the peak of Python memory allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        result = call()
+    except FieldError as exc:
+        result = exc
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return result, peak
+
+
+def test_grid_size_counts_int_and_stepped_float_ranges_without_listing_them() -> None:
+    # A million values: listing them took 36 MB (and a 30-million range 1.2 GB) only to count them.
+    space = space_of({"x": {"type": "int", "low": 0, "high": 999_999}})
+    size, peak = _peak_bytes(space.grid_size)
+    assert size == 1_000_000
+    assert peak < 1 << 20
+    floats = space_of({"x": {"type": "float", "low": 0.0, "high": 100.0, "step": 0.001}})
+    size, peak = _peak_bytes(floats.grid_size)
+    assert size == 100_001
+    assert peak < 1 << 20
+
+
+@pytest.mark.parametrize("param", [
+    {"type": "int", "low": 0, "high": 10**12},
+    {"type": "int", "low": -(2**53), "high": 2**53, "step": 4},
+    {"type": "float", "low": 0.0, "high": 1.0e6, "step": 1.0e-9},
+    {"type": "float", "low": -1.0e308, "high": 1.0e308, "step": 1.0e-300},  # the span itself overflows to inf
+])
+def test_a_grid_over_a_huge_range_is_refused_at_once_naming_the_parameter(param: dict[str, Any]) -> None:
+    space = space_of({"x": param, "y": {"type": "int", "low": 1, "high": 2}})  # method random: a valid spec
+    error, peak = _peak_bytes(space.grid_size)  # what `automl validate` prints for any method
+    assert isinstance(error, FieldError), error
+    assert error.field == "parameters.x"
+    assert "grid values" in error.message
+    assert "larger step" in error.message
+    assert peak < 1 << 20
+    with pytest.raises(FieldError, match="grid values"):
+        space.flat_grid()
+    with pytest.raises(SpecError, match=r"parameters\.x: .*grid values"):
+        spec_from_dict({"trainer": "mlp", "metric": "val_loss", "method": "grid", "parameters": {"x": param}})
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,16 @@ import pytest
 import yaml
 
 from automl.errors import AutoMLError, SpecError
-from automl.spec import MAX_SPEC_BYTES, FloatParam, load_spec
+from automl.spec import (
+    MAX_CONCURRENT,
+    MAX_INT_DIGITS,
+    MAX_SEED,
+    MAX_SPEC_BYTES,
+    MAX_TRIALS,
+    FloatParam,
+    load_spec,
+    spec_from_dict,
+)
 
 BASE: dict[str, Any] = {
     "trainer": "mlp",
@@ -249,7 +259,25 @@ def _pop(key: str) -> Callable[[dict[str, Any]], None]:
 
 _OPT_SGD = {"type": "categorical", "choices": ["adam", "sgd"]}
 
+# Numbers that break something later (Optuna, NumPy, Ray) however they arrive: in a YAML file or a JSON mapping.
+ABSURD_NUMBERS: list[Any] = [
+    pytest.param(_param(type="int", low=0, high=2**53 + 2), "parameters.x.high", "2**53", id="int-high-past-2**53"),
+    pytest.param(_param(type="int", low=-(2**60), high=0), "parameters.x.low", "2**53", id="int-low-past-2**53"),
+    pytest.param(_param(type="int", low=-(2**53), high=2**53, step=2**54), "parameters.x.step", "2**53",
+                 id="int-step-past-2**53"),
+    pytest.param(_set(seed=-1), "seed", "greater than or equal to 0", id="seed-negative"),
+    pytest.param(_set(seed=2**40), "seed", "less than or equal to 2147483647", id="seed-past-2**31"),
+    pytest.param(_set(budget={"trials": 10**9}), "budget.trials", "10000000", id="trials-past-cap"),
+    pytest.param(_set(budget={"max_concurrent": 10**6}), "budget.max_concurrent", "10000",
+                 id="max-concurrent-past-cap"),
+    pytest.param(_set(budget={"time": float("inf")}), "budget.time", "finite", id="infinite-duration"),
+    pytest.param(_set(early_stopping={"method": "asha", "min_epochs": 10**12}), "early_stopping.min_epochs",
+                 "1000000000", id="min-epochs-past-cap"),
+    pytest.param(_set(fixed={"big": 10**150}), "fixed.big", "151 digits", id="int-of-151-digits"),
+]
+
 BAD_SPECS: list[Any] = [
+    *[pytest.param(p.values[0], {p.values[1]}, p.values[2], id=p.id) for p in ABSURD_NUMBERS],
     pytest.param(lambda d: d["parameters"]["lr"].update(low=0.0), {"parameters.lr.low"}, "> 0", id="log-low-zero"),
     pytest.param(lambda d: d["parameters"]["lr"].update(low=-1.0), {"parameters.lr.low"}, "> 0", id="log-low-neg"),
     pytest.param(_param(type="float", low=0.5, high=0.1), {"parameters.x.low", "parameters.x.high"}, "low",
@@ -324,6 +352,76 @@ def test_malformed_spec_is_one_line_naming_the_field(
     message = text.removeprefix(f"bad.yaml: {error.path}: ")
     assert message.strip(), text
     assert rule in message, text
+
+
+@pytest.mark.parametrize(("change", "path", "rule"), ABSURD_NUMBERS)
+def test_absurd_numbers_are_refused_from_a_json_mapping_too(
+    change: Callable[[dict[str, Any]], None], path: str, rule: str
+) -> None:
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(json.loads(json.dumps(spec_with(change))))  # what the HTTP service will hand over
+    assert info.value.path == path, str(info.value)
+    assert rule in info.value.message, str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_the_caps_themselves_are_accepted(tmp_path: Path) -> None:
+    raw = spec_with(lambda d: d.update(seed=MAX_SEED, budget={"trials": MAX_TRIALS, "max_concurrent": MAX_CONCURRENT},
+                                       fixed={"big": 10**99}))
+    raw["parameters"]["depth"] = {"type": "int", "low": -(2**53), "high": 2**53, "step": 2**53}
+    spec = load_spec(write(tmp_path, raw))
+    assert (spec.seed, spec.budget.trials, spec.budget.max_concurrent) == (2**31 - 1, 10**7, 10**4)
+    assert spec.fixed["big"] == 10**99
+    assert spec_from_dict(raw) == spec.model_copy(update={"name": "sweep"})
+
+
+@pytest.mark.parametrize("digits", [101, 5000, 100_000])
+def test_an_integer_of_thousands_of_digits_is_one_line_naming_its_field(tmp_path: Path, digits: int) -> None:
+    # Python refuses to read an int of more than 4300 digits: a ValueError from inside the YAML loader before.
+    text = (f"trainer: mlp\nmetric: val_loss\nfixed:\n  big: {'9' * digits}\n"
+            "parameters: {a: {type: int, low: 1, high: 2}}\n")
+    error = spec_error(write(tmp_path, text, "big.yaml"))
+    assert str(error) == (f"big.yaml: fixed.big: integer of {digits} digits (line 4); a spec's integers have at most "
+                          f"{MAX_INT_DIGITS} digits")
+    hexadecimal = text.replace("big: 9", "big: 0x9")
+    assert error.path == spec_error(write(tmp_path, hexadecimal, "hex.yaml")).path == "fixed.big"
+    with pytest.raises(SpecError, match=r"^spec: fixed\.big: integer of \d+ digits"):
+        spec_from_dict({**BASE, "fixed": {"big": 10 ** (digits - 1)}})  # past 4300 digits, str() would raise
+
+
+def test_a_yaml_value_that_cannot_be_built_is_a_line_not_a_traceback(tmp_path: Path) -> None:
+    text = "trainer: mlp\nmetric: val_loss\nfixed: {day: 2001-13-45}\nparameters: {a: {type: int, low: 1, high: 2}}\n"
+    message = str(spec_error(write(tmp_path, text, "date.yaml")))
+    assert message.startswith("date.yaml: line 3, column 14: invalid YAML: '2001-13-45' is not a valid timestamp"), (
+        message)
+    assert "quote it" in message
+
+
+def test_repeated_key_check_is_linear_in_the_number_of_keys() -> None:
+    """Counted, not timed: comparing every key with every other (list.count per key) took 2 s for 10k keys."""
+    import yaml
+
+    from automl.spec import _check_yaml_size
+
+    class CountingKey(str):
+        compared = 0
+
+        def __eq__(self, other: object) -> bool:
+            CountingKey.compared += 1
+            return str.__eq__(self, other)
+
+        __hash__ = str.__hash__
+
+    keys = 3000
+    root = yaml.compose("\n".join(f"k{i}: {i}" for i in range(keys)), Loader=yaml.SafeLoader)
+    assert root is not None
+    for key, _ in root.value:
+        key.value = CountingKey(key.value)
+    _check_yaml_size(root)
+    assert CountingKey.compared < keys  # a dict of the keys: equal hashes only (quadratic: 9 million)
+    root.value[-1][0].value = CountingKey("k0")
+    with pytest.raises(Exception, match="key 'k0' appears twice"):
+        _check_yaml_size(root)
 
 
 def test_log_low_zero_message_matches_the_design(tmp_path: Path) -> None:

@@ -38,3 +38,58 @@ def test_a_dead_writer_fails_the_flush_at_once_and_what_it_wrote_stays(workdir: 
     client = MlflowClient(tracking_uri=uri)
     assert client.get_run(first).info.status == "FINISHED"  # written before the death: kept
     assert client.get_run(tracker.parent_run_id).data.params == {"p": "1"}
+
+
+def test_a_writer_that_died_with_records_unwritten_is_reported_and_the_parent_run_is_still_closed(
+    workdir: Path,
+) -> None:
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    tracker = SweepTracker(uri, log_file=workdir / ".automl" / "automl.log")
+    tracker.open(experiment="lost", artifact_location=None, run_name="lost", tags={}, params={})
+    tracker.flush()
+    tracker._proc.kill()
+    tracker._proc.wait()
+    tracker.trial_started(0, {"x": 0.5}, {})  # never written: the writer is gone
+    with pytest.raises(AutoMLError, match=r"MLflow writer stopped .* before writing every trial; its output is in"):
+        tracker.finish("FINISHED")
+    parent = MlflowClient(tracking_uri=uri).get_run(tracker.parent_run_id)
+    assert parent.info.status == "FAILED"  # closed, never left RUNNING, and says why
+    assert "MLflow writer stopped" in parent.data.tags["automl.error"]
+
+
+def test_the_writer_survives_sigint_and_keeps_secrets_and_the_working_directory_out_of_its_way(
+    workdir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # A ./mlflow.py in the working directory would shadow MLflow if the writer put the directory on its path.
+    marker = tmp_path_factory.mktemp("marker") / "imported"
+    (workdir / "mlflow.py").write_text(f"open({str(marker)!r}, 'w').write('executed')\n")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    tracker = SweepTracker(uri)
+    args = Path(f"/proc/{tracker._proc.pid}/cmdline").read_bytes().decode()
+    assert "mlflow.db" not in args  # the tracking URI (it may hold a password) is not on the command line
+    tracker.open(experiment="calm", artifact_location=None, run_name="calm", tags={}, params={})
+    tracker.flush()
+    os.kill(tracker._proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends to its whole process group
+    tracker.trial_started(0, {"x": 0.5}, {})
+    tracker.trial_finished(0, "KILLED", {"automl.state": "KILLED"})
+    tracker.finish("KILLED")
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(tracker.run_id_of(0) or "").info.status == "KILLED"
+    assert not marker.exists()
+
+
+def test_processes_creating_one_new_store_at_once_all_succeed(tmp_path: Path) -> None:
+    """MLflow's schema migrations race when two processes open a new SQLite store together ("table
+    _alembic_tmp_metrics already exists"); automl takes a lock around it."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = ("import sys; from automl.tracking import make_client; c = make_client(sys.argv[1]); "
+            "c.search_experiments(); c.search_registered_models(); print('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    client = MlflowClient(tracking_uri=uri)
+    assert [e.name for e in client.search_experiments()] == ["Default"]

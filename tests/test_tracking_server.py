@@ -39,11 +39,13 @@ def listening_addresses(port: int) -> set[str]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """`automl ui` on a SQLite store in a fresh directory; yields (its URL, the directory)."""
     home = tmp_path_factory.mktemp("server")
+    # A stray mlflow.py where the user starts the UI: neither `automl ui` nor MLflow's web workers may import it.
+    (home / "mlflow.py").write_text(f"open({str(home / 'imported')!r}, 'w').write('executed')\n")
     port = free_port()
     log = home / "ui.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "automl.cli", "ui", "--port", str(port),
+            [str(Path(sys.executable).with_name("automl")), "ui", "--port", str(port),
              "--tracking-uri", f"sqlite:///{home / 'mlflow.db'}"],
             cwd=home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -64,6 +66,23 @@ def test_automl_ui_serves_the_store_on_loopback_only(server: tuple[str, Path]) -
         assert response.status == 200
         assert "MLflow" in response.read().decode()
     assert (home / "mlflow.db").exists()  # the UI's store is the SQLite file it was pointed at
+    assert not (home / "imported").exists()  # ./mlflow.py was not imported by any of the UI's processes
+    for pid in server_processes(port):  # the store's URI (it may hold a password) is on no command line
+        assert "mlflow.db" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+
+
+def server_processes(port: int) -> list[int]:
+    """PIDs whose command line names this port: `automl ui`'s own process and MLflow's server processes."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(port).encode() in args:
+            found.append(int(cmdline.parent.name))
+    assert found, f"no process serves port {port}"
+    return found
 
 
 def test_sweep_over_http_records_states_and_artifacts_in_the_servers_store(

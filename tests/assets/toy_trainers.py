@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
+from automl.trainer import SavableModel
 
-def quadratic(params: dict[str, Any], data: Any, report: Any) -> None:
-    """A benchmark function with epochs: the score improves per epoch, best near x = 0.3."""
+
+def quadratic(params: dict[str, Any], data: Any, report: Any) -> Any:
+    """A benchmark function with epochs: the score improves per epoch, best near x = 0.3. With ``model: true`` it
+    returns a tiny exportable model (a constant) that remembers its configuration."""
     x = float(params["x"])
     bonus = {"a": 0.0, "b": 0.05, "c": 0.1}.get(str(params.get("kind", "a")), 0.0)
     for step in range(1, int(params.get("epochs", 3)) + 1):
         time.sleep(float(params.get("sleep", 0.0)))
         report(step, {"score": -((x - 0.3) ** 2) + bonus + 0.01 * step})
+    return Constant(x) if params.get("model") else None
+
+
+class Constant(SavableModel):
+    """Predicts one number for every row (the ``x`` of the trial that trained it)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = float(value)
+
+    def predict(self, X: Any) -> Any:
+        import numpy as np
+
+        return np.full(len(X), self.value)
+
+    def save(self, path: Path) -> None:
+        (path / "constant.json").write_text(json.dumps({"value": self.value}))
+
+    @classmethod
+    def load(cls, path: Path) -> Constant:
+        return cls(json.loads((path / "constant.json").read_text())["value"])
 
 
 def flaky(params: dict[str, Any], data: Any, report: Any) -> None:
