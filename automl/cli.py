@@ -90,6 +90,9 @@ def run(
     storage: StorageOpt = None,
     print_spec: Annotated[bool, typer.Option("--print-spec", help="AutoML mode: print the spec it would run "
                                                                   "(save it, edit it, run it) and exit.")] = False,
+    continue_: Annotated[bool, typer.Option("--continue", help="A new sweep of the spec's name, warm-started from "
+                                                               "the latest one (its finished trials seed the "
+                                                               "sampler; see warm_start). Not a resume.")] = False,
 ) -> None:
     """Run a sweep: live progress, then the leaderboard and the best trial. Also takes W&B, NNI and Katib files.
 
@@ -116,6 +119,8 @@ def run(
     else:
         sweep = Sweep(imported.to_spec(overrides), base_dir=spec.resolve().parent, spec_text=imported.to_yaml(),
                       tracking_uri=tracking_uri, address=address, storage=storage, source=spec.name)
+    if continue_:
+        sweep = sweep.continuing()
     sweep.check()  # bad data or trainer: one line now, before the header and Ray (its notes come with the run's)
     total = sweep.planned_trials()
     from automl.samplers import sampler_name
@@ -127,8 +132,31 @@ def run(
     for note in imported.notes:
         console.print(f"note: {note}", highlight=False, markup=False)
     with _Progress(total, sweep.spec.metric_name, sweep.spec.direction) as progress:
-        result = sweep.run(on_event=progress.on_event, on_note=progress.note)
+        result = _interruptible(lambda: sweep.run(on_event=progress.on_event, on_note=progress.note))
     _print_result(result)
+
+
+def _interruptible(run: Callable[[], SweepResult]) -> SweepResult:
+    """Ctrl-C or SIGTERM (a scheduler, `kill`) stops the sweep cleanly: running trials KILLED, the sweep
+    resumable; exit status 130."""
+    import signal
+    import threading
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return run()
+    except KeyboardInterrupt:
+        err_console.print("stopped: running trials were KILLED; `automl resume` continues the sweep",
+                          highlight=False)
+        raise typer.Exit(130) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run_automl(data_source: str | None, target: str | None, *, time_budget: str | None, metric: str | None,
@@ -158,7 +186,7 @@ def _run_automl(data_source: str | None, target: str | None, *, time_budget: str
                   f"{data_source}, models {', '.join(models)}; optimising {spec.metric_name} "
                   f"({spec.direction}) for {spec.budget.time:.0f}s", highlight=False)
     with _Progress(sweep.planned_trials(), spec.metric_name, spec.direction) as progress:
-        result = sweep.run(on_event=progress.on_event, on_note=progress.note)
+        result = _interruptible(lambda: sweep.run(on_event=progress.on_event, on_note=progress.note))
     _print_per_model(result)
     _print_result(result, params=False)  # each model's parameters are in the table above
 
@@ -297,9 +325,41 @@ def resume(
     metric = state.spec["metric"]
     first = metric[0] if isinstance(metric, list) else metric
     with _Progress(total, first["name"], first.get("goal") or "maximize") as progress:
-        result = Sweep.resume(state.sweep_id, tracking_uri=tracking_uri, address=address, storage=storage,
-                              on_event=progress.on_event, on_note=progress.note)
+        result = _interruptible(lambda: Sweep.resume(state.sweep_id, tracking_uri=tracking_uri, address=address,
+                                                     storage=storage, on_event=progress.on_event,
+                                                     on_note=progress.note))
     _print_result(result)
+
+
+@app.command("set")
+@_friendly
+def set_(
+    sweep: Annotated[str, typer.Argument(help="A running sweep's id, or the name of its latest running sweep.")],
+    trials: Annotated[int | None, typer.Option(help="New budget.trials (at least the trials already done).")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="New budget.max_concurrent.")] = None,
+    time_budget: Annotated[str | None, typer.Option("--time", help="New budget.time, from the sweep's start "
+                                                                   "(90s, 10m, 2h).")] = None,
+) -> None:
+    """Change a running sweep's budget or concurrency live (a sweep running in another terminal of this
+    directory); prints the values in effect."""
+    from automl.engine import control
+    from automl.spec import parse_duration
+    from automl.state import SweepState, find_running, state_root
+
+    if trials is None and max_concurrent is None and time_budget is None:
+        raise UsageError("set: give --trials, --max-concurrent or --time")
+    budget: dict[str, Any] = {"trials": trials, "max_concurrent": max_concurrent}
+    if time_budget is not None:
+        try:
+            budget["time"] = parse_duration(time_budget)
+        except ValueError as exc:
+            raise UsageError(f"--time {exc}") from None
+    state = find_running(sweep)
+    effect = control.send(SweepState.folder(state_root(), state.sweep_id),
+                          {k: v for k, v in budget.items() if v is not None})
+    time_left = effect.get("time")
+    console.print(f"{state.sweep_id}: trials {effect['trials']}, max_concurrent {effect['max_concurrent']}, time "
+                  f"{'-' if time_left is None else f'{time_left:g}s'}", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------- validate / schema

@@ -105,6 +105,16 @@ class SearchSpace:
             elif not param.low <= value <= param.high:
                 raise FieldError(here, f"must be within [{param.low}, {param.high}] (got {value!r})")
 
+    def place(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """An earlier configuration (``values``: parameter name -> value or its text, as MLflow keeps params) put in
+        this space: the typed values of the parameters a trial of this space would use, following ``when``
+        branches, and their Optuna distributions (exactly those ``suggest`` asks for). ``ValueError`` names the
+        first parameter that is missing or outside this space. Names this space does not have are ignored."""
+        params: dict[str, Any] = {}
+        distributions: dict[str, Any] = {}
+        _place_into(self.parameters, values, params, distributions)
+        return params, distributions
+
     # ------------------------------------------------------------------ grid
 
     def grid_size(self) -> int:
@@ -144,6 +154,50 @@ def _suggest_into(trial: optuna.Trial, params: Mapping[str, Parameter], out: dic
             branch = (param.when or {}).get(_choice_key(choice))
             if branch:
                 _suggest_into(trial, branch, out)
+
+
+def distribution(param: Parameter) -> Any:
+    """The Optuna distribution ``_suggest_into`` samples ``param`` from."""
+    import optuna
+
+    if isinstance(param, FloatParam):
+        return optuna.distributions.FloatDistribution(param.low, param.high, log=param.log, step=param.step)
+    if isinstance(param, IntParam):
+        return optuna.distributions.IntDistribution(param.low, param.high, log=param.log, step=param.step or 1)
+    return optuna.distributions.CategoricalDistribution(param.choices)
+
+
+def _place_into(params: Mapping[str, Parameter], values: Mapping[str, Any], out: dict[str, Any],
+                dists: dict[str, Any]) -> None:
+    for name, param in params.items():
+        if name not in values:
+            raise ValueError(f"it has no '{name}'")
+        raw = values[name]
+        if isinstance(param, CategoricalParam):
+            matches = [c for c in param.choices if c == raw and type(c) is type(raw)] or [
+                c for c in param.choices if str(raw) in (str(c), _choice_key(c))]
+            if not matches:
+                raise ValueError(f"its {name}={raw!r} is not one of {param.choices}")
+            value: Any = matches[0]
+        else:
+            try:
+                number = float(raw)
+            except (TypeError, ValueError):
+                raise ValueError(f"its {name}={raw!r} is not a number") from None
+            if isinstance(param, IntParam):
+                if not number.is_integer():
+                    raise ValueError(f"its {name}={raw!r} is not a whole number")
+                value = int(number)
+            else:
+                value = number
+        dist = distribution(param)
+        if not dist._contains(dist.to_internal_repr(value)):
+            raise ValueError(f"its {name}={value!r} is outside this sweep's range for it")
+        out[name] = value
+        dists[name] = dist
+        branch = (param.when or {}).get(_choice_key(value)) if isinstance(param, CategoricalParam) else None
+        if branch:
+            _place_into(branch, values, out, dists)
 
 
 def _values(param: Parameter, path: str) -> list[Any]:

@@ -301,6 +301,10 @@ class Spec(_Model):
     # last sweep's best. A point may leave parameters out; the method proposes those.
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     tracking: TrackingSpec = TrackingSpec()
+    # Earlier sweeps (ids or names) or MLflow experiments in the same store whose finished trials seed the sampler:
+    # not run again, not counted in the budget (automl.engine.warmstart states which trials qualify).
+    warm_start: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(default_factory=list,
+                                                                                max_length=100)
 
     @field_validator("name")
     @classmethod
@@ -317,6 +321,9 @@ class Spec(_Model):
         clash = sorted(set(space.all_names()) & set(self.fixed))
         if clash:
             raise FieldError("fixed", f"'{clash[0]}' is both fixed and searched; keep it in one place")
+        if self.warm_start and self.method == "grid":
+            raise FieldError("warm_start", "a grid runs every point of the grid whatever came before; remove "
+                             "warm_start or use another method")
         if self.points_to_evaluate and self.method == "grid":
             raise FieldError("points_to_evaluate", "a grid runs every point of the grid already; remove "
                              "points_to_evaluate or use another method")

@@ -94,6 +94,30 @@ def find_unfinished(sweep: str, workdir: Path | None = None) -> SweepState:
     return state
 
 
+def find_running(sweep: str, workdir: Path | None = None) -> SweepState:
+    """The running sweep with that id, or the latest running one with that name (its driver holds its folder)."""
+    from automl.errors import AutoMLError, SweepNotFoundError
+
+    root = state_root(workdir)
+    states = []
+    for file in root.glob("*/sweep.json") if root.is_dir() else []:
+        try:
+            found = SweepState.load(file.parent)
+        except (OSError, ValueError, TypeError):
+            continue
+        if found.sweep_id == sweep or found.name == sweep:
+            states.append(found)
+    if not states:
+        raise SweepNotFoundError(f"no sweep named '{sweep}' in {root}; `automl status` lists the sweeps")
+    running = [st for st in states if SweepLock.held(SweepState.folder(root, st.sweep_id))]
+    if not running:
+        latest = max(states, key=lambda st: st.created)
+        raise AutoMLError(f"sweep {latest.sweep_id} is not running (it is {latest.status}); `automl resume "
+                          f"{latest.sweep_id}` continues an interrupted sweep")
+    exact = [st for st in running if st.sweep_id == sweep]
+    return exact[0] if exact else max(running, key=lambda st: st.created)
+
+
 def journal_path(folder: Path) -> Path:
     return folder / "study.journal"
 
@@ -155,6 +179,23 @@ class SweepLock:
         self._fd = fd
         return self
 
+    @staticmethod
+    def held(folder: Path) -> bool:
+        """Whether a driver holds this sweep's folder now (it is running somewhere on this machine)."""
+        import fcntl
+
+        path = folder / LOCK_FILE
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # releases the lock; the file stays (a new driver rewrites it)
@@ -178,3 +219,56 @@ def _lock_holder(path: Path) -> str:
         return ""
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("since", 0))))
     return f" in process {info['pid']} on {info.get('host', '?')} (`{info.get('command', 'automl')}`, since {since})"
+
+
+# --------------------------------------------------------------------------------------------- the best model
+
+
+def save_best_bundle(folder: Path, number: int, packed: Any, prepared: Any, info: dict[str, Any]) -> Path:
+    """Keep the model of trial ``number``, the best so far, on disk: a killed sweep still has it when resumed.
+
+    Each candidate is written whole under ``models/trial-N`` (to a temporary name, then renamed), then the
+    ``best_model`` link is swapped to it atomically; the previous best stays until the new one is told to Optuna
+    (``drop_other_bundles``). A crash at any point leaves the bundle of every trial the search state may call best.
+    """
+    import shutil
+
+    from automl.bundle import write_bundle
+
+    target = trial_bundle_path(folder, number)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_bundle(tmp, packed, prepared, info=info)
+    shutil.rmtree(target, ignore_errors=True)  # a re-run of a trial cut short after its model was saved
+    os.replace(tmp, target)
+    link = best_bundle_path(folder)
+    new_link = link.with_name(link.name + ".new")
+    if new_link.is_symlink() or new_link.exists():
+        new_link.unlink()
+    new_link.symlink_to(target.relative_to(folder), target_is_directory=True)
+    if link.is_dir() and not link.is_symlink():  # the layout of older versions: one plain folder
+        shutil.rmtree(link)
+    os.replace(new_link, link)
+    return target
+
+
+def drop_other_bundles(folder: Path, keep: int) -> None:
+    """Once trial ``keep`` is told to Optuna as the best, the other saved models are no longer needed."""
+    import shutil
+
+    kept = trial_bundle_path(folder, keep)
+    for path in kept.parent.glob("trial-*"):
+        if path != kept:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def find_best_bundle(folder: Path, number: int) -> Path | None:
+    """The saved model of trial ``number``, checked by its manifest: never the bundle of another trial."""
+    for path in (trial_bundle_path(folder, number), best_bundle_path(folder)):
+        try:
+            trial = json.loads((path / "manifest.json").read_text()).get("trial")
+        except (OSError, ValueError):
+            continue
+        if trial == number:
+            return path
+    return None

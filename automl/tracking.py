@@ -1,9 +1,11 @@
 """MLflow as the record of a sweep: one parent run per sweep, one child run per trial, the best model.
 
-Written only from the driver's side (its process and one writer process it owns; never from Ray workers),
-through ``MlflowClient`` with explicit run ids (never the fluent "active run").
-Trial events go through a queue to one writer process, off the sweep's hot path; the writer coalesces what is
-queued so that a trial costs at most one MLflow write per report (usually: create, one batch, terminate).
+Written only from the driver's side (the engine's process and one writer process it owns; never from Ray workers),
+through ``MlflowClient`` with explicit run ids (never the fluent "active run"). Every sweep of the engine writes
+through the one writer process (``automl._mlflow_writer``), its trials keyed by (sweep, trial number): parent runs
+are created there too, so a new sweep's first trial never waits for MLflow. The writer coalesces what is queued so
+that a trial costs at most one MLflow write per report (usually: create, one batch, terminate). The finishing step
+(the best model, plots, the registry) writes the parent run from the driver's side, in a thread of its own.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,88 +154,212 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
         return str(exp.experiment_id)
 
 
-@dataclass
-class _TrialLog:
-    run_id: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)  # not yet written
-    metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # key, value, ts, step
-    status: str | None = None
-    start_ms: int = 0
-    end_ms: int | None = None
-    artifacts: list[tuple[str, str]] = field(default_factory=list)  # (file name, text)
+class MlflowRecorder:
+    """The engine's MLflow side: one writer process for every sweep (``open`` gives each its ``SweepLog``).
 
-
-class SweepTracker:
-    """The MLflow side of one sweep, seen from the driver.
-
-    The parent run is written here, synchronously. Trial events go to a writer *process*
-    (``python -m automl._mlflow_writer``) as JSON lines on its stdin: MLflow's client spends ~13 ms of Python
-    per trial on SQLite, which in the driver's process would hold the GIL against the sweep loop; in its own
-    process it runs beside it. If the driver is killed, the writer still drains what it was sent (its stdin
-    reaches end-of-file) and exits. A plain subprocess rather than ``multiprocessing``: spawn would re-run a
-    user's script that calls ``Sweep.run()`` without an ``if __name__ == "__main__"`` guard.
+    The writer is started at once (it imports MLflow, ~2 s of CPU, while the engine starts up) and lives until
+    ``shutdown``; a writer that died is replaced for the sweeps opened after, and the sweeps it was writing for
+    learn it at their next flush.
     """
 
-    def __init__(self, tracking_uri: str, *, trials: bool = True, log_file: Path | None = None) -> None:
-        """Start the writer process now (it imports MLflow, ~2 s of CPU, while the sweep starts up);
-        it writes nothing until ``open`` names the parent run. ``trials=False`` writes no child runs.
-        ``log_file`` receives what MLflow and its libraries print (default: this process's stderr)."""
+    def __init__(self, log_file: Path | None = None) -> None:
+        import threading
+
+        self.log_file = log_file
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._next_sweep = 0
+        self._logs: dict[int, SweepLog] = {}
+        self._proc: Any = None
+        self._flushed = 0
+        self._asked = 0
+        self._start()
+
+    def _start(self) -> None:
         import subprocess
         import threading
 
-        self.tracking_uri = tracking_uri
-        self.trials = trials
-        self.log_file = log_file
-        self.experiment_id = ""
-        self.parent_run_id = ""
-        self._run_ids: dict[int, str] = {}
-        self._errors: list[str] = []
-        self._flushed = 0
-        self._asked = 0
-        self._unflushed = False  # something was sent since the last acknowledged flush
-        self._cond = threading.Condition()
-        env = writer_environment(tracking_uri)
-        if log_file is not None:
-            env["AUTOML_LOG_FILE"] = str(log_file)  # opened by the writer once the sweep has its state folder
+        env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+               "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "PYTHONSAFEPATH": "1"}
+        env.pop("MLFLOW_TRACKING_URI", None)  # every message names its store; never a URI in the arguments
         self._proc = subprocess.Popen(
             writer_command(), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             # Its own session: a terminal's Ctrl-C (SIGINT to the whole foreground process group) stops the driver,
             # which then records the stop through this process; the writer itself ends when its stdin closes.
             start_new_session=True,
         )
-        self._reader = threading.Thread(target=self._read_replies, name="mlflow-writer-replies", daemon=True)
+        self._flushed = self._asked = 0
+        self._reader = threading.Thread(target=self._read_replies, args=(self._proc,), name="mlflow-writer-replies",
+                                        daemon=True)
         self._reader.start()
 
-    # -------------------------------------------------------------- the sweep (driver)
+    @property
+    def pid(self) -> int:
+        return int(self._proc.pid)
 
-    def open(
-        self,
-        *,
-        experiment: str,
-        artifact_location: str | None,
-        run_name: str,
-        tags: dict[str, str],
-        params: dict[str, Any],
-        spec_text: str | None = None,
-        run_id: str | None = None,
-    ) -> None:
-        """Create (or, resuming, reopen) the sweep's parent run; from now on trial events are written."""
-        client = self.client = make_client(self.tracking_uri)
-        experiment_id = get_or_create_experiment(client, experiment, artifact_location)
-        if run_id is None:
-            run = client.create_run(experiment_id, run_name=run_name, tags={**tags, TAG_ROLE: "sweep"})
-            run_id = run.info.run_id
-            _log_batch(client, run_id, params=params)
-            if spec_text is not None:
-                client.log_text(run_id, spec_text, "spec.yaml")
-        else:
-            client.update_run(run_id, status="RUNNING")
-        self.experiment_id, self.parent_run_id = experiment_id, run_id
-        self._send(["open", 0, [experiment_id, run_id]])
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def open(self, tracking_uri: str, *, trials: bool = True) -> SweepLog:
+        """A new sweep's record (nothing written until ``SweepLog.open``)."""
+        with self._cond:
+            if not self.alive() and not self._logs:
+                self._start()
+            self._next_sweep += 1
+            sweep_log = SweepLog(self, self._next_sweep, tracking_uri, trials=trials)
+            self._logs[sweep_log.sid] = sweep_log
+        return sweep_log
+
+    def forget(self, sweep_log: SweepLog) -> None:
+        with self._cond:
+            self._logs.pop(sweep_log.sid, None)
+
+    def send(self, message: list[Any]) -> None:
+        stdin = self._proc.stdin
+        try:
+            with self._send_lock:
+                if stdin is None:
+                    raise ValueError("no pipe")
+                stdin.write(json.dumps(message).encode() + b"\n")
+                stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            with self._cond:
+                for sweep_log in self._logs.values():
+                    sweep_log.errors.append(self.stopped())
+                self._cond.notify_all()
+
+    def flush(self, timeout: float = 600.0) -> None:
+        """Wait until the writer has written everything sent so far (by every sweep)."""
+        with self._cond:
+            self._asked += 1
+            target = self._asked
+            proc = self._proc
+        self.send(["flush", target])
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            # Short waits, not one long one: a writer that dies closes its stdout (the reader's last notify)
+            # before the OS lets poll() see its exit, so a single wait could miss the death and sleep on.
+            while not (self._flushed >= target or proc.poll() is not None) and time.monotonic() < deadline:
+                self._cond.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            if self._flushed < target:
+                for sweep_log in self._logs.values():
+                    if not sweep_log.errors:
+                        sweep_log.errors.append(self.stopped())
+
+    def stopped(self) -> str:
+        where = f"; its output is in {self.log_file}" if self.log_file else ""
+        return f"the MLflow writer stopped (exit code {self._proc.poll()}) before writing every trial{where}"
+
+    def _read_replies(self, proc: Any) -> None:
+        stdout = proc.stdout
+        for line in stdout if stdout is not None else ():
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                continue
+            with self._cond:
+                kind = reply[0]
+                if kind == "flushed":
+                    self._flushed = max(self._flushed, reply[1])
+                else:
+                    sweep_log = self._logs.get(reply[1])
+                    if sweep_log is not None:
+                        sweep_log.on_reply(kind, reply[2:])
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait (on the replies) until ``predicate()`` or the writer died; False on a timeout or a death."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                if self._proc.poll() is not None or time.monotonic() >= deadline:
+                    return predicate()
+                self._cond.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+        return True
+
+    def shutdown(self) -> None:
+        """Let the writer finish what it was sent, then end it."""
+        proc = self._proc
+        if proc.stdin is not None and not proc.stdin.closed:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # end-of-file: the writer drains and exits
+        try:
+            proc.wait(timeout=60)
+        except Exception:
+            proc.kill()
+        self._reader.join(timeout=5)
+
+
+class SweepLog:
+    """One sweep's record in MLflow, written through the engine's writer process (trials) and, for the parent
+    run's summary and model, from the driver's side (``client``)."""
+
+    def __init__(self, recorder: MlflowRecorder, sid: int, tracking_uri: str, *, trials: bool = True) -> None:
+        self.recorder = recorder
+        self.sid = sid
+        self.tracking_uri = tracking_uri
+        self.trials = trials
+        self.experiment_id = ""
+        self.parent_run_id = ""
+        self.errors: list[str] = []
+        self._run_ids: dict[int, str] = {}
+        self._opened = False
+        self.open_sent = False  # the parent run was asked for: a failed start-up must close it
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = make_client(self.tracking_uri)
+        return self._client
+
+    # -------------------------------------------------------------- the parent run
+
+    def open(self, *, experiment: str, artifact_location: str | None, run_name: str, tags: dict[str, str],
+             params: dict[str, Any], spec_text: str | None = None, run_id: str | None = None,
+             log_file: Path | None = None) -> None:
+        """Create (or, resuming, reopen) the sweep's parent run, in the writer: this returns at once, and trial
+        events may follow straight away. ``ready()`` waits for the run's id."""
+        self.open_sent = True
+        self.recorder.send(["open", self.sid, {
+            "uri": self.tracking_uri, "experiment": experiment, "artifact_location": artifact_location,
+            "run_name": run_name, "tags": {**tags, TAG_ROLE: "sweep"},
+            "params": {k: _param_text(v) for k, v in params.items()}, "spec_text": spec_text, "run_id": run_id,
+            "log_file": str(log_file) if log_file else None}])
+
+    def ready(self, timeout: float = 120.0) -> None:
+        """Wait until the parent run exists; ``AutoMLError`` if the writer could not create it."""
+        from automl.errors import AutoMLError
+
+        if not self.recorder.wait_for(lambda: self._opened or bool(self.errors), timeout):
+            self.errors.append(self.recorder.stopped() if not self.recorder.alive()
+                               else f"MLflow did not answer within {timeout:.0f}s")
+        if self.errors and not self._opened:
+            raise AutoMLError("MLflow: " + self.errors[0])
+
+    def on_reply(self, kind: str, payload: list[Any]) -> None:
+        """A reply of the writer for this sweep (called on the reader thread, under the recorder's lock)."""
+        if kind == "opened":
+            self.experiment_id, self.parent_run_id = payload[0]
+            self._opened = True
+        elif kind == "run_id":
+            self._run_ids[payload[0]] = payload[1]
+        elif kind == "error":
+            self.errors.append(payload[0])
+
+    def log_parent(self, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+                   tags: dict[str, str] | None = None) -> None:
+        """Params, metrics (logged at this moment) and tags on the parent run, through the writer."""
+        now = _now_ms()
+        self.recorder.send(["parent", self.sid, [{k: _param_text(v) for k, v in (params or {}).items()},
+                                                 [[k, float(v), now] for k, v in (metrics or {}).items()],
+                                                 {k: str(v) for k, v in (tags or {}).items()}]])
 
     def child_runs(self) -> dict[int, tuple[str, str]]:
         """Resuming: the trial runs the parent run already has, trial number -> (run id, MLflow status)."""
+        self.ready()
         runs = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
             max_results=50_000, order_by=["attributes.start_time ASC"],
@@ -254,16 +379,35 @@ class SweepTracker:
     def trial_adopted(self, number: int, run_id: str) -> None:
         """Resuming: trial ``number``'s events go to its existing child run ``run_id`` (not a new one)."""
         self._run_ids[number] = run_id
-        self._send(["adopt", number, run_id])
+        self.recorder.send(["adopt", self.sid, number, run_id])
 
-    def finish(
-        self,
-        status: str,
-        *,
-        params: dict[str, Any] | None = None,
-        metrics: dict[str, float] | None = None,
-        tags: dict[str, str] | None = None,
-    ) -> None:
+    # -------------------------------------------------------------- trials (non-blocking)
+
+    def trial_started(self, number: int, params: dict[str, Any], tags: dict[str, str]) -> None:
+        if self.trials:
+            self.recorder.send(["start", self.sid, number,
+                                [{k: _param_text(v) for k, v in params.items()}, tags, _now_ms()]])
+
+    def trial_reported(self, number: int, step: int, metrics: dict[str, float]) -> None:
+        if self.trials:
+            self.recorder.send(["report", self.sid, number, [step, metrics, _now_ms()]])
+
+    def trial_finished(self, number: int, state: str, tags: dict[str, str],
+                       artifacts: Iterable[tuple[str, str]] = ()) -> None:
+        if self.trials:
+            self.recorder.send(["end", self.sid, number, [state, tags, [list(a) for a in artifacts], _now_ms()]])
+
+    def run_id_of(self, number: int) -> str | None:
+        """The child run id of a trial (known after ``flush``)."""
+        return self._run_ids.get(number)
+
+    def flush(self, timeout: float = 600.0) -> None:
+        """Wait until the writer has written everything this sweep sent; ``AutoMLError`` if it died first."""
+        self.recorder.flush(timeout)
+        self._raise_errors()
+
+    def finish(self, status: str, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+               tags: dict[str, str] | None = None) -> None:
         """Flush every trial, then write the sweep's summary and close the parent run.
 
         A writer that died with trial records unwritten still leaves the parent run closed (FAILED, the error in
@@ -273,119 +417,30 @@ class SweepTracker:
 
         lost: str | None = None
         try:
-            self.close()
+            self.flush()
         except AutoMLError as exc:
             lost = str(exc)
+        finally:
+            self.recorder.forget(self)
         tags = dict(tags or {})
         if lost is not None:
             status, tags["automl.error"] = "FAILED", lost
         now = _now_ms()
-        _log_batch(
-            self.client, self.parent_run_id,
-            params=params or {},
-            metrics=[(k, float(v), now, 0) for k, v in (metrics or {}).items()],
-            tags=tags,
-        )
+        _log_batch(self.client, self.parent_run_id, params=params or {},
+                   metrics=[(k, float(v), now, 0) for k, v in (metrics or {}).items()], tags=tags)
         self.client.set_terminated(self.parent_run_id, status=status, end_time=now)
         if lost is not None:
             raise AutoMLError(lost)
 
-    # -------------------------------------------------------------- trials (non-blocking)
-
-    def trial_started(self, number: int, params: dict[str, Any], tags: dict[str, str]) -> None:
-        if not self.trials:
-            return
-        self._send(["start", number, [{k: _param_text(v) for k, v in params.items()}, tags, _now_ms()]])
-
-    def trial_reported(self, number: int, step: int, metrics: dict[str, float]) -> None:
-        if not self.trials:
-            return
-        self._send(["report", number, [step, metrics, _now_ms()]])
-
-    def trial_finished(self, number: int, state: str, tags: dict[str, str],
-                       artifacts: Iterable[tuple[str, str]] = ()) -> None:
-        if not self.trials:
-            return
-        self._send(["end", number, [state, tags, [list(a) for a in artifacts], _now_ms()]])
-
-    def run_id_of(self, number: int) -> str | None:
-        """The child run id of a trial (known after ``flush``)."""
-        return self._run_ids.get(number)
-
-    def flush(self, timeout: float = 600.0) -> None:
-        """Wait until the writer has written everything sent so far; ``AutoMLError`` if it died first."""
-        self._asked += 1
-        target = self._asked
-        self._send(["flush", target, None])
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            # Short waits, not one long one: a writer that dies closes its stdout (the reader's last notify)
-            # before the OS lets poll() see its exit, so a single wait could miss the death and sleep on.
-            while not (self._flushed >= target or self._proc.poll() is not None) and time.monotonic() < deadline:
-                self._cond.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
-            if self._flushed < target and not self._errors:
-                self._errors.append(self._stopped())
-            if self._flushed >= target and not self._errors:
-                self._unflushed = False
-        self._raise_errors()
-
-    def close(self) -> None:
-        """Stop the writer; ``AutoMLError`` when it died with records not yet written (they are lost to MLflow
-        until a resume writes them again from the search state)."""
-        try:
-            if not self.parent_run_id:
-                # Never opened (bad data, a trainer that failed to load): the writer has written nothing and
-                # would exit on a flush without replying; do not wait for its MLflow import either.
-                self._proc.kill()
-            elif self._proc.poll() is None or self._unflushed:
-                self.flush()
-        finally:
-            if self._proc.stdin is not None and not self._proc.stdin.closed:
-                with contextlib.suppress(OSError):
-                    self._proc.stdin.close()  # end-of-file: the writer exits
-            self._proc.wait(timeout=60)
-            self._reader.join(timeout=5)
-
-    def _stopped(self) -> str:
-        where = f"; its output is in {self.log_file}" if self.log_file else ""
-        return f"the MLflow writer stopped (exit code {self._proc.poll()}) before writing every trial{where}"
-
-    def _send(self, message: list[Any]) -> None:
-        stdin = self._proc.stdin
-        if message[0] != "flush":
-            self._unflushed = True
-        try:
-            if stdin is None:
-                raise ValueError("no pipe")
-            stdin.write(json.dumps(message).encode() + b"\n")
-            stdin.flush()
-        except (BrokenPipeError, ValueError):
-            with self._cond:
-                self._errors.append(self._stopped())
-
-    def _read_replies(self) -> None:
-        stdout = self._proc.stdout
-        for line in stdout if stdout is not None else ():
-            try:
-                kind, number, payload = json.loads(line)
-            except ValueError:
-                continue
-            with self._cond:
-                if kind == "run_id":
-                    self._run_ids[number] = payload
-                elif kind == "error":
-                    self._errors.append(payload)
-                elif kind == "flushed":
-                    self._flushed = max(self._flushed, number)
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
+    def abandon(self) -> None:
+        """The sweep never opened its parent run (refused at start-up): nothing to write."""
+        self.recorder.forget(self)
 
     def _raise_errors(self) -> None:
-        if self._errors:
+        if self.errors:
             from automl.errors import AutoMLError
 
-            raise AutoMLError("MLflow: " + self._errors[0])
+            raise AutoMLError("MLflow: " + self.errors[0])
 
 
 def writer_command() -> list[str]:
@@ -397,152 +452,9 @@ def writer_command() -> list[str]:
 
 
 def writer_environment(tracking_uri: str) -> dict[str, str]:
-    """The helper processes' environment: the tracking URI (which may hold a password) travels here."""
+    """A helper process's environment: the tracking URI (which may hold a password) travels here."""
     return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "PYTHONSAFEPATH": "1"}
-
-
-def writer_main(tracking_uri: str | None = None) -> None:
-    """The writer process: read JSON-line events on stdin, apply them to MLflow, reply on stdout.
-
-    A reader thread empties stdin at once (the driver never blocks on a full pipe); the main thread writes
-    to MLflow, coalescing whatever has arrived since its last round.
-    """
-    import queue
-    import signal
-    import sys
-    import tempfile
-    import threading
-
-    # Ctrl-C belongs to the driver: it records the interrupted trials through this process, which must live on to
-    # write them. (The writer runs in its own session; this also covers a SIGINT sent to it by PID.)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    tracking_uri = tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
-    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-    def read() -> None:
-        for line in sys.stdin.buffer:
-            inbox.put(json.loads(line))
-        inbox.put(None)  # end-of-file: the driver closed the pipe or died
-
-    threading.Thread(target=read, daemon=True).start()
-    # What MLflow and its libraries print goes to the state folder's log file (AUTOML_LOG_FILE), which exists only
-    # once the sweep starts for real: until the "open" message, it is held in an anonymous temporary file.
-    log_file = os.environ.get("AUTOML_LOG_FILE")
-    early = tempfile.TemporaryFile() if log_file else None
-    if early is not None:
-        os.dup2(early.fileno(), 2)
-    # Replies go to the original stdout; anything a library prints lands on stderr instead of in the protocol.
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-
-    def reply(kind: str, number: int, payload: Any) -> None:
-        out.write(json.dumps([kind, number, payload]) + "\n")
-        out.flush()
-
-    import mlflow.tracking  # noqa: F401 - the slow import, done while the driver starts the sweep
-
-    first = inbox.get()
-    if first is None or first[0] != "open":
-        return  # the sweep ended before it had a parent run (bad data, a trainer that failed to load)
-    experiment_id, parent_run_id = first[2]
-    if log_file and early is not None:
-        sys.stderr.flush()
-        os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
-        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        early.seek(0)
-        os.write(fd, early.read())
-        early.close()
-        os.dup2(fd, 2)
-        os.dup2(fd, 1)
-        os.close(fd)
-    writer = _TrialWriter(make_client(tracking_uri), experiment_id, parent_run_id, reply)
-    stopping = False
-    while not stopping:
-        batch = [inbox.get()]
-        while True:
-            try:
-                batch.append(inbox.get_nowait())
-            except queue.Empty:
-                break
-        stopping = writer.apply(batch)
-    # Every write is committed and acknowledged: skip the interpreter's teardown (MLflow's and SQLAlchemy's exit
-    # handlers, module finalisation), which costs the sweep ~0.5 s of waiting for this process to exit.
-    out.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-class _TrialWriter:
-    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str,
-                 reply: Callable[[str, int, Any], None]) -> None:
-        self.client = client
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.reply = reply
-        self.trials: dict[int, _TrialLog] = {}
-
-    def apply(self, batch: list[Any]) -> bool:
-        """Write one round; returns True when the driver asked the writer to stop."""
-        stopping = False
-        flushes: list[int] = []
-        dirty: dict[int, _TrialLog] = {}
-        for entry in batch:
-            if entry is None:
-                stopping = True
-                continue
-            kind, number, payload = entry
-            if kind == "flush":
-                flushes.append(number)
-                continue
-            t = self.trials.setdefault(number, _TrialLog())
-            if kind == "adopt":  # resuming: this trial's run exists already
-                t.run_id = payload
-                continue
-            dirty[number] = t
-            if kind == "start":
-                t.params, t.start_ms = dict(payload[0]), payload[2]
-                t.tags.update(payload[1])
-            elif kind == "report":
-                step, metrics, ts = payload
-                t.metrics.extend((k, v, ts, step) for k, v in metrics.items())
-            else:
-                state, tags, artifacts, ts = payload
-                t.status = MLFLOW_STATUS.get(state, "FINISHED")
-                t.tags.update(tags)
-                t.end_ms = ts
-                t.artifacts.extend((a[0], a[1]) for a in artifacts)
-        for number, t in dirty.items():
-            try:
-                created = t.run_id is None
-                self._write(number, t)
-                if created:
-                    self.reply("run_id", number, t.run_id)
-            except Exception as exc:  # keep writing the other trials; the driver raises at flush
-                self.reply("error", number, f"trial {number}: {type(exc).__name__}: {exc}")
-        for seq in flushes:
-            self.reply("flushed", seq, None)
-        return stopping
-
-    def _write(self, number: int, t: _TrialLog) -> None:
-        params: dict[str, Any] = {}
-        if t.run_id is None:
-            run = self.client.create_run(
-                self.experiment_id,
-                start_time=t.start_ms or None,
-                run_name=f"trial-{number:04d}",
-                tags={PARENT_TAG: self.parent_run_id, TAG_TRIAL: str(number), **t.tags},
-            )
-            t.run_id = run.info.run_id
-            params, t.params, t.tags = t.params, {}, {}
-        _log_batch(self.client, t.run_id, params=params, metrics=t.metrics, tags=t.tags)
-        t.metrics, t.tags = [], {}
-        for name, text in t.artifacts:
-            self.client.log_text(t.run_id, text, name)
-        t.artifacts = []
-        if t.status is not None:
-            self.client.set_terminated(t.run_id, status=t.status, end_time=t.end_ms)
 
 
 def _log_batch(

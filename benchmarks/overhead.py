@@ -646,7 +646,7 @@ def _quiet() -> None:
 
 # Imported before the first sweep, as one-time costs: Ray Tune (about 1 s) and the modules automl imports when a
 # sweep runs; otherwise each runner's first sweep (the N1 one) would pay them, which would lower its slope.
-PREIMPORTS = ("ray.tune", "ray.tune.search.optuna", "automl.orchestrator", "automl.backend", "automl.journal",
+PREIMPORTS = ("ray.tune", "ray.tune.search.optuna", "automl.orchestrator", "automl.engine.pool", "automl.journal",
               "automl.samplers", "automl.schedulers", "automl.space", "automl.state", "automl.tracking")
 
 

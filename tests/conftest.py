@@ -46,6 +46,9 @@ def ray_session() -> Iterator[None]:
         ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False)
     yield
+    import automl.engine
+
+    automl.engine.shutdown()  # the process's warm engine (its workers, its MLflow writer) goes before its Ray
     ray.shutdown()
 
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from automl.backend import fit_folds
 from automl.data import infer_task, prepare
+from automl.engine.worker import fit_folds
 from automl.errors import DataError, ExportError, SpecError
 from automl.spec import DataSpec, spec_from_dict
 from automl.trainer import Dataset, StopTrial

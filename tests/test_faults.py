@@ -107,16 +107,12 @@ def test_max_failures_stops_a_failing_sweep_with_a_clear_message(workdir: Path) 
 
 
 def test_slots_never_exceed_what_the_cluster_runs_at_once() -> None:
-    from automl.orchestrator import MAX_ACTORS_PER_CPU, plan_slots
+    from automl.engine.executor import Shape
+    from automl.engine.pool import MAX_ACTORS_PER_CPU, capacity_for
 
     # resources.cpu: 0.001 would ask Ray for 2,000 actors (processes) on 2 CPUs: capped per CPU.
-    tiny = plan_slots(None, cpu=0.001, gpu=0, cluster={"CPU": 2.0}, trials=10_000)
-    assert tiny.slots == MAX_ACTORS_PER_CPU * 2
-    asked = plan_slots(5000, cpu=0.001, gpu=0, cluster={"CPU": 2.0}, trials=10_000)
-    assert asked.slots == MAX_ACTORS_PER_CPU * 2
-    assert asked.note is not None
-    assert "at most 4 trials per CPU" in asked.note
-    # GPUs bound it too; a sweep never holds more slots than it has trials.
-    assert plan_slots(None, cpu=0.5, gpu=0.25, cluster={"CPU": 2.0, "GPU": 1.0}, trials=20).slots == 4
-    assert plan_slots(16, cpu=1, gpu=0, cluster={"CPU": 32.0}, trials=3) == plan_slots(3, cpu=1, gpu=0,
-                                                                                      cluster={"CPU": 32.0}, trials=3)
+    assert capacity_for(Shape(cpu=0.001), {"CPU": 2.0}) == MAX_ACTORS_PER_CPU * 2
+    assert capacity_for(Shape(cpu=1.0), {"CPU": 2.0}) == 2
+    # GPUs bound it too: four quarter-GPU trials on one GPU; none where a GPU is asked for and there is none.
+    assert capacity_for(Shape(cpu=0.5, gpu=0.25), {"CPU": 2.0, "GPU": 1.0}) == 4
+    assert capacity_for(Shape(cpu=1.0, gpu=1.0), {"CPU": 8.0}) == 0

@@ -60,6 +60,9 @@ def test_quickstart_runs_and_predicts_with_the_champion(tmp_path: Path) -> None:
     # starting a second one; run by hand, the notebook starts a local Ray of its own.
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    import automl.engine
+
+    automl.engine.release_idle_workers()  # this session's warm workers hold its CPUs: the kernel's engine needs them
     # kernel_name python3: jupyter_client runs the kernel spec's "python" as this very interpreter, the venv's.
     client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
