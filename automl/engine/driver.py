@@ -70,17 +70,36 @@ class Engine:
             # The writer process imports MLflow (its slowest start) while Ray starts here.
             recorder = MlflowRecorder(log_file=log_path(state_root(self.workdir)))
         self.recorder = recorder
+        # Ray starts in a thread of its own (3 to 5 s on 2 cores): the first sweep's data loads meanwhile, and its
+        # start-up waits for Ray only when it needs workers.
+        self._executor: Future[Executor] = Future()
         if executor is None:
-            from automl.engine.pool import RayPool
-            from automl.orchestrator import connect_ray
-
-            connect_ray(self.address, capture_logs=True)
-            executor = RayPool()
-        self.executor: Executor = executor
+            threading.Thread(target=self._connect, name="automl-ray-start", daemon=True).start()
+        else:
+            self._executor.set_result(executor)
         self._starter = ThreadPoolExecutor(max_workers=4, thread_name_prefix="automl-start")
         self._finisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="automl-finish")
         self._thread = threading.Thread(target=self._loop, name="automl-engine", daemon=True)
         self._thread.start()
+
+    def _connect(self) -> None:
+        from automl.engine.pool import RayPool
+        from automl.orchestrator import connect_ray
+
+        try:
+            connect_ray(self.address, capture_logs=True)
+            self._executor.set_result(RayPool())
+        except BaseException as exc:
+            self._executor.set_exception(exc)
+            return
+        # This thread stays: Ray starts its local processes (GCS, raylet) with PR_SET_PDEATHSIG, which Linux fires
+        # when the *thread* that started them ends, not the process; a local Ray lives as long as this thread.
+        threading.Event().wait()
+
+    @property
+    def executor(self) -> Executor:
+        """Where trials run (waits for Ray to have started; raises if it could not)."""
+        return self._executor.result()
 
     # ------------------------------------------------------------------------------------------ the public side
 
@@ -141,7 +160,8 @@ class Engine:
         self._starter.shutdown(wait=True)
         self._finisher.shutdown(wait=True)
         with contextlib.suppress(Exception):
-            self.executor.shutdown()
+            if self._executor.done():
+                self.executor.shutdown()
         with contextlib.suppress(Exception):
             self.recorder.shutdown()
 
@@ -193,6 +213,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
+        try:
+            self.executor  # noqa: B018 - no trial runs before Ray has started
+        except BaseException:
+            log.exception("the engine could not start Ray")
         while True:
             self._drain(block=not self._running and not self._zombies)
             if self._closed and not self._running and not self._starting:

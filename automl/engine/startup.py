@@ -7,7 +7,10 @@ the data loads; the parent run is created by the writer process while the first 
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,15 +38,22 @@ def start_sweep(engine: Engine, run: SweepRun) -> None:
     for text in plan.check():  # cached: the CLI ran it before its header
         run.note(text)
     planned = plan.planned_trials()
-    run.shape = _shape(engine, run)
-    capacity = engine.executor.capacity(run.shape)
+    # The data loads while Ray starts (a cold engine) and the workers import the trainer.
+    data: Future[PreparedData | None] = Future()
+    threading.Thread(target=_fill, args=(data, engine.data_cache.prepare, plan), name="automl-data",
+                     daemon=True).start()
+    try:
+        run.shape = _shape(engine, run)
+        capacity = engine.executor.capacity(run.shape)
+    except BaseException:
+        _settle(data)  # a failure here waits for the data thread: nothing of it runs on unseen
+        raise
     requested = spec.budget.max_concurrent
     if requested is not None and capacity and requested > capacity:
         run.note(_capacity_note(requested, capacity, run.shape, engine))
     concurrency = max(1, min(requested or capacity or 1, planned))
-    # The workers import the trainer while the data loads.
     wait_loaded = engine.executor.prepare(run.shape, plan.trainer, min(concurrency, capacity or 1))
-    run.prepared = engine.data_cache.prepare(plan)
+    run.prepared = data.result()
     if run.prepared is not None:
         for text in run.prepared.notes:  # columns dropped as identifiers, categories capped
             run.note(f"data: {text}")
@@ -62,6 +72,19 @@ def start_sweep(engine: Engine, run: SweepRun) -> None:
     )
     if run.resume is not None:
         _repair_trial_runs(run)  # MLflow made to agree with the journal before new trials start
+
+
+def _fill(future: Future[Any], fn: Any, *args: Any) -> None:
+    try:
+        future.set_result(fn(*args))
+    except BaseException as exc:
+        future.set_exception(exc)
+
+
+def _settle(future: Future[Any]) -> None:
+    """Wait for ``future`` without raising (its outcome is read later, or not at all)."""
+    with contextlib.suppress(BaseException):
+        future.exception()
 
 
 def after_start(run: SweepRun) -> None:
