@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pip does not fetch a multi-GB CUDA build. Elsewhere, users get the build their platform offers.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench clean browser
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ demo: install
 	$(BIN)/python -c "import sklearn.datasets as d; d.load_digits(as_frame=True).frame.drop(columns='target').head(5).to_csv('best/rows.csv', index=False)"
 	$(BIN)/automl predict best/ best/rows.csv
 
-test: install
+# The status-page test drives a real browser: Debian's chromium and its driver, installed when missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -5,6 +5,10 @@
     result.best.params, result.best.metrics, result.best.model_uri
     result.export("best/", format="mlflow")
 
+    from automl import Client                   # a sweep on the automl service (`automl serve`)
+    sweep = Client("http://127.0.0.1:8765").submit("search_spaces/digits_mlp.yaml")
+    sweep.wait(), sweep.leaderboard()
+
 Heavy libraries (torch, ray, mlflow) are imported only when a sweep runs, so the CLI answers fast.
 """
 
@@ -12,13 +16,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from automl.errors import AutoMLError, DataError, ExportError, SpecError, SweepNotFoundError, TrainerError
+from automl.errors import (
+    AutoMLError,
+    DataError,
+    ExportError,
+    ServiceError,
+    SpecError,
+    SweepNotFoundError,
+    TrainerError,
+)
 
 __version__ = "0.1.0"
 __all__ = [
     "AutoMLError",
+    "Client",
     "DataError",
     "ExportError",
+    "ServiceError",
     "SpecError",
     "Sweep",
     "SweepNotFoundError",
@@ -28,6 +42,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from automl.client import Client
     from automl.orchestrator import Sweep, SweepResult
 
 
@@ -36,4 +51,8 @@ def __getattr__(name: str) -> Any:
         from automl import orchestrator
 
         return getattr(orchestrator, name)
+    if name == "Client":  # requests is imported only by those who talk to a service
+        from automl.client import Client
+
+        return Client
     raise AttributeError(f"module 'automl' has no attribute {name!r}")

@@ -20,6 +20,7 @@ from automl.errors import AutoMLError, TrainerError, UsageError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from automl.client import Client, RemoteSweep
     from automl.orchestrator import SweepResult, TrialRecord
 
 app = typer.Typer(
@@ -51,6 +52,15 @@ DataOpt = Annotated[str | None, typer.Option("--data", help="Data source (sklear
 TargetOpt = Annotated[str | None, typer.Option(help="Column to predict; sets data.target.")]
 MetricOpt = Annotated[str | None, typer.Option(help="Metric to optimise (goal from its name); required for NNI "
                                                     "files.")]
+# The service's clients (submit, watch, cancel; status, set and resume with --server). The token is read from
+# $AUTOML_TOKEN by default: a command line is visible to every user of the machine (`ps`).
+ServerOpt = Annotated[str | None, typer.Option("--server", metavar="URL", help="The automl service (default: "
+                                               "$AUTOML_SERVER, else http://127.0.0.1:8765).")]
+RemoteServerOpt = Annotated[str | None, typer.Option("--server", metavar="URL", help="Ask the automl service at "
+                                                     "URL instead of this directory's store.")]
+ServiceTokenOpt = Annotated[str | None, typer.Option("--token", metavar="TOKEN", help="The service's token "
+                                                     "(default: $AUTOML_TOKEN; prefer the variable: `ps` shows "
+                                                     "every command's arguments to every user).")]
 
 
 def _friendly(func: F) -> F:
@@ -313,8 +323,19 @@ def resume(
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, "
                                                      "else a local Ray).")] = None,
     storage: StorageOpt = None,
+    server: RemoteServerOpt = None,
+    token: ServiceTokenOpt = None,
 ) -> None:
-    """Finish an interrupted sweep: completed trials are kept, none is run twice."""
+    """Finish an interrupted sweep: completed trials are kept, none is run twice. With --server: a CANCELLED or
+    FAILED sweep of the service continues its budget there."""
+    if server is not None:
+        _local_options_refused(tracking_uri=tracking_uri, address=address, storage=storage)
+        from automl.client import RemoteSweep
+
+        answer = RemoteSweep(_service(server, token), sweep).resume()
+        console.print(f"{answer.get('id', sweep)}: {answer.get('state')}; `automl watch` follows it", highlight=False,
+                      markup=False)
+        return
     from automl.orchestrator import Sweep
     from automl.state import SweepLock, SweepState, find_unfinished, state_root
 
@@ -339,9 +360,11 @@ def set_(
     max_concurrent: Annotated[int | None, typer.Option(help="New budget.max_concurrent.")] = None,
     time_budget: Annotated[str | None, typer.Option("--time", help="New budget.time, from the sweep's start "
                                                                    "(90s, 10m, 2h).")] = None,
+    server: RemoteServerOpt = None,
+    token: ServiceTokenOpt = None,
 ) -> None:
     """Change a running sweep's budget or concurrency live (a sweep running in another terminal of this
-    directory); prints the values in effect."""
+    directory, or on the service with --server); prints the values in effect."""
     from automl.engine import control
     from automl.spec import parse_duration
     from automl.state import SweepState, find_running, state_root
@@ -354,11 +377,21 @@ def set_(
             budget["time"] = parse_duration(time_budget)
         except ValueError as exc:
             raise UsageError(f"--time {exc}") from None
+    if server is not None:
+        from automl.client import RemoteSweep
+
+        remote = RemoteSweep(_service(server, token), sweep)
+        _print_budget(remote.id, remote.update(trials=trials, max_concurrent=max_concurrent, time=time_budget))
+        return
     state = find_running(sweep)
     effect = control.send(SweepState.folder(state_root(), state.sweep_id),
                           {k: v for k, v in budget.items() if v is not None})
+    _print_budget(state.sweep_id, effect)
+
+
+def _print_budget(sweep_id: str, effect: dict[str, Any]) -> None:
     time_left = effect.get("time")
-    console.print(f"{state.sweep_id}: trials {effect['trials']}, max_concurrent {effect['max_concurrent']}, time "
+    console.print(f"{sweep_id}: trials {effect.get('trials')}, max_concurrent {effect.get('max_concurrent')}, time "
                   f"{'-' if time_left is None else f'{time_left:g}s'}", highlight=False)
 
 
@@ -526,8 +559,15 @@ def predict(
 def status(
     sweep: Annotated[str | None, typer.Argument(help="A sweep name or id: list its trials.")] = None,
     tracking_uri: TrackingOpt = None,
+    server: RemoteServerOpt = None,
+    token: ServiceTokenOpt = None,
 ) -> None:
-    """List sweeps and their state, or one sweep's trials."""
+    """List sweeps and their state, or one sweep's trials (of this directory's store, or of the service with
+    --server)."""
+    if server is not None:
+        _local_options_refused(tracking_uri=tracking_uri)
+        _remote_status(_service(server, token), sweep)
+        return
     from rich.table import Table
 
     from automl import tracking
@@ -601,6 +641,368 @@ def ui(
     cmd = [sys.executable, "-P", "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", str(workers)]
     console.print(f"MLflow UI on http://{host}:{port} for {mask_url(uri)} (Ctrl-C stops it)", highlight=False)
     os.execve(sys.executable, cmd, env)
+
+
+# --------------------------------------------------------------------------------------------- the service
+
+
+@app.command()
+@_friendly
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind; loopback unless you say otherwise (then give TLS "
+                                           "files, or a TLS proxy in front).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8765,
+    data_root: Annotated[Path | None, typer.Option(help="The folder remote specs' data paths resolve in, and "
+                                                        "nothing outside it (default: here).")] = None,
+    trainers_dir: Annotated[Path | None, typer.Option(help="A folder of module:function trainers remote specs may "
+                                                           "name (default: registered trainers only).")] = None,
+    tracking_uri: TrackingOpt = None,
+    storage: Annotated[str | None, typer.Option("--storage", help="A database (postgresql://...) for the search "
+                                                "state and the service's records (default: $AUTOML_STORAGE, else files "
+                                                "in .automl/)."
+                                                )] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local "
+                                                     "Ray).")] = None,
+    allowed_host: Annotated[list[str] | None, typer.Option(help="A Host header to accept besides loopback names "
+                                                                "(the name clients use); repeatable.")] = None,
+    allowed_origin: Annotated[list[str] | None, typer.Option(help="An origin for CORS; repeatable (default: "
+                                                                  "none).")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    max_running: Annotated[int | None, typer.Option(min=1, help="Sweeps running at once (default: the cluster's "
+                                                                "CPUs); the rest wait QUEUED.")] = None,
+    max_running_per_user: Annotated[int | None, typer.Option(min=1, help="Sweeps one user runs at once (default: "
+                                                                         "--max-running).")] = None,
+    max_upload_mb: Annotated[int, typer.Option(min=1, help="Largest dataset upload, in MiB.")] = 200,
+    mlflow_ui: Annotated[str | None, typer.Option(help="Base URL of an MLflow UI on the tracking store, for the "
+                                                       "links to each sweep's run (default: the tracking URI when "
+                                                       "it is a server).")] = None,
+) -> None:
+    """The automl service: an authenticated HTTP API (/api/v1, OpenAPI at /docs) and a status page (/) in front of
+    one warm engine. Tokens: `automl token create NAME --role admin|user|viewer`."""
+    from automl.service import ServeOptions
+    from automl.service import serve as run_service
+
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise UsageError("--ssl-certfile and --ssl-keyfile go together")
+
+    def say(text: str, err: bool = False) -> None:
+        (err_console if err else console).print(text, highlight=False, markup=False, soft_wrap=True)
+
+    run_service(ServeOptions(
+        host=host, port=port, data_root=data_root, trainers_dir=trainers_dir, tracking_uri=tracking_uri,
+        storage=storage, address=address, allowed_hosts=list(allowed_host or []),
+        allowed_origins=list(allowed_origin or []), ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+        max_running=max_running, max_running_per_user=max_running_per_user, max_upload=max_upload_mb << 20,
+        mlflow_ui=mlflow_ui,
+    ), say=say)
+
+
+token_app = typer.Typer(help="The service's tokens: create one (printed once; only its hash is kept), revoke one.",
+                        no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+ServiceStorageOpt = Annotated[str | None, typer.Option("--storage", help="The service's database when it is not "
+                                                       ".automl/service.db here (postgresql://...; default: "
+                                                       "$AUTOML_STORAGE).")]
+
+
+@token_app.command("create")
+@_friendly
+def token_create(
+    name: Annotated[str, typer.Argument(help="Who the token is for (a user name; sweeps are owned by it).")],
+    role: Annotated[str, typer.Option(help="admin (everything), user (own sweeps) or viewer (read all).")] = "user",
+    storage: ServiceStorageOpt = None,
+) -> None:
+    """Create a token and print it once (the service keeps only its hash)."""
+    from automl.service import open_store
+
+    store = open_store(Path.cwd(), storage)
+    token = store.create_token(name, role)
+    print(token)
+    err_console.print(f"token for {name} ({role}); it is shown once. Clients read it from AUTOML_TOKEN.",
+                      highlight=False)
+
+
+@token_app.command("revoke")
+@_friendly
+def token_revoke(
+    name: Annotated[str, typer.Argument(help="The token's name.")],
+    storage: ServiceStorageOpt = None,
+) -> None:
+    """Revoke a token: requests with it get 401 at once."""
+    from automl.service import open_store
+
+    open_store(Path.cwd(), storage).revoke_token(name)
+    console.print(f"revoked {name}", highlight=False)
+
+
+@token_app.command("list")
+@_friendly
+def token_list(storage: ServiceStorageOpt = None) -> None:
+    """The tokens: name, role, when created, whether revoked (never the tokens themselves)."""
+    from automl.service import open_store
+
+    for row in open_store(Path.cwd(), storage).list_tokens():
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"]))
+        console.print(f"{row['name']}\t{row['role']}\t{created}\t{'revoked' if row['revoked'] else 'active'}",
+                      highlight=False)
+
+
+# --------------------------------------------------------------------------------------------- the service's clients
+
+
+@app.command()
+@_friendly
+def submit(
+    spec: Annotated[Path, typer.Argument(help="The spec file (YAML). Its data.source is a path under the service's "
+                                              "--data-root, a dataset:<id>, or (--upload) a file next to the spec.")],
+    trials: Annotated[int | None, typer.Option(help="Override budget.trials.")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="Override budget.max_concurrent.")] = None,
+    time_budget: Annotated[str | None, typer.Option("--time", help="Override budget.time (90s, 10m, 2h).")] = None,
+    method: Annotated[str | None, typer.Option(help="Override method (grid, random, bayesian, ...).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override seed.")] = None,
+    upload: Annotated[bool, typer.Option("--upload", help="Upload data.source (a CSV or Parquet file, relative to "
+                                                          "the spec's folder) and submit the spec with the "
+                                                          "dataset:<id> the service gives it.")] = False,
+    watch_: Annotated[bool, typer.Option("--watch", help="Then follow it as `automl watch` does (exit status 1 "
+                                                         "unless it FINISHED).")] = False,
+    server: ServerOpt = None,
+    token: ServiceTokenOpt = None,
+) -> None:
+    """Submit a sweep to the automl service; prints its id as the first line on stdout (for scripts)."""
+    client = _service(server, token)
+    overrides: dict[str, Any] = {"budget.trials": trials, "budget.max_concurrent": max_concurrent,
+                                 "budget.time": time_budget, "method": method, "seed": seed}
+    if upload:
+        overrides["data.source"] = _upload_data(client, spec)
+    handle = client.submit(spec, overrides)
+    print(handle.id, flush=True)
+    answer = handle.last_status or {}
+    follow = f"automl watch {handle.id}" + (f" --server {mask_url(server)}" if server else "")
+    err_console.print(f"submitted {answer.get('name', spec.name)} ({answer.get('state', '?')}); follow it with "
+                      f"`{follow}`", highlight=False, markup=False, soft_wrap=True)
+    if watch_:
+        raise typer.Exit(_watch(handle))
+
+
+@app.command()
+@_friendly
+def watch(
+    sweep: Annotated[str, typer.Argument(help="The sweep's id (as `automl submit` printed it).")],
+    server: ServerOpt = None,
+    token: ServiceTokenOpt = None,
+) -> None:
+    """Follow a sweep on the automl service: live progress, then its leaderboard. Exit status 0 if it FINISHED, 1
+    if it FAILED or was CANCELLED (Ctrl-C stops watching, not the sweep)."""
+    raise typer.Exit(_watch(_service(server, token).sweep(sweep)))
+
+
+@app.command()
+@_friendly
+def cancel(
+    sweep: Annotated[str, typer.Argument(help="The sweep's id.")],
+    server: ServerOpt = None,
+    token: ServiceTokenOpt = None,
+) -> None:
+    """Cancel a sweep on the automl service: running trials are KILLED; `automl resume ID --server URL` continues
+    it."""
+    from automl.client import RemoteSweep
+
+    answer = RemoteSweep(_service(server, token), sweep).cancel()
+    console.print(f"{answer.get('id', sweep)}: {answer.get('state')}", highlight=False, markup=False)
+
+
+def _service(server: str | None, token: str | None) -> Client:
+    from automl.client import Client
+
+    return Client(server, token)  # None: $AUTOML_SERVER (else loopback) and $AUTOML_TOKEN
+
+
+def _local_options_refused(**options: str | None) -> None:
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UsageError(f"{flag}: with --server the service uses its own store and cluster; leave {flag} out")
+
+
+def _upload_data(client: Client, spec: Path) -> str | None:
+    """``--upload``: the spec's data file (relative to the spec's folder) sent to the service; its dataset source.
+    A source that is no file here (sklearn:, dataset:, a path only the service has) is left as it is."""
+    from automl.spec import parse_yaml, read_spec_text
+
+    data = parse_yaml(read_spec_text(spec), spec.name).get("data")
+    source = data.get("source") if isinstance(data, dict) else None
+    file = spec.resolve().parent / source if isinstance(source, str) and ":" not in source.split("/")[0] else None
+    if file is None or not file.is_file():
+        err_console.print(f"note: --upload: data.source {source!r} is not a file next to {spec.name}; the spec goes "
+                          f"as it is", highlight=False, markup=False, soft_wrap=True)
+        return None
+    dataset = client.upload(file)
+    err_console.print(f"uploaded {source} as {dataset}", highlight=False, markup=False)
+    return dataset
+
+
+def _watch(handle: RemoteSweep) -> int:
+    """Follow a remote sweep's events with `automl run`'s progress, then print its leaderboard; the exit status."""
+    from rich.markup import escape
+
+    from automl.client import FINAL_STATES
+
+    sweep = handle.last_status or handle.status()
+    metric, goal = _remote_metric(sweep), str(sweep.get("goal") or "maximize")
+    total = int((sweep.get("budget") or {}).get("trials") or 0)
+    console.print(f"[bold]{escape(str(sweep.get('name')))}[/bold] ({escape(handle.id)}): {total or 'no limit of'} "
+                  f"trials, method {escape(str(sweep.get('method')))} (Optuna {escape(str(sweep.get('sampler')))}), "
+                  f"optimising {escape(metric)} ({goal}); {sweep.get('state')}", highlight=False)
+    started: dict[int, float] = {}
+    steps: dict[int, Any] = {}
+    with _Progress(total, metric, goal) as progress:
+        try:
+            for event in handle.events():
+                data, number = event.data, event.data.get("number")
+                if event.kind == "trial_started" and isinstance(number, int):
+                    started[number] = time.monotonic()
+                elif event.kind == "trial_reported" and isinstance(number, int):
+                    steps[number] = data.get("step")
+                elif event.kind == "trial_finished" and isinstance(number, int):
+                    progress.on_event("finished", _remote_record(data, steps.get(number), started.get(number)))
+                elif event.kind == "sweep_state" and data.get("state") not in FINAL_STATES:
+                    progress.progress.console.print(f"{handle.id}: {data.get('state')}", highlight=False,
+                                                    markup=False)
+        except KeyboardInterrupt:
+            err_console.print(f"stopped watching; the sweep goes on (`automl watch {handle.id}` follows it again)",
+                              highlight=False, markup=False)
+            raise typer.Exit(130) from None
+    final = handle.wait()
+    _print_remote_result(final, handle.trials())
+    if final.get("state") == "FINISHED":
+        return 0
+    err_console.print(f"[red]{final.get('state')}:[/red] {escape(str(final.get('error') or 'no error recorded'))}",
+                      highlight=False, soft_wrap=True)
+    return 1
+
+
+def _remote_record(data: dict[str, Any], step: Any, started: float | None) -> TrialRecord:
+    """A ``trial_finished`` event as the record `_Progress` prints. Epochs and seconds come from the event where it
+    has them, else from the trial's last ``trial_reported`` step and the time between its events here."""
+    from automl.engine.records import TrialRecord, TrialState
+
+    state: Any = str(data.get("state") or "?")
+    if state in TrialState.__members__:
+        state = TrialState(state)
+    epochs = data.get("epochs", step)
+    seconds = data.get("seconds")
+    if not isinstance(seconds, int | float):
+        seconds = 0.0 if started is None else time.monotonic() - started
+    value = data.get("value")
+    error = data.get("error")
+    return TrialRecord(number=int(data["number"]), params=dict(data.get("params") or {}), state=state,
+                       value=float(value) if isinstance(value, int | float) else None,
+                       epochs=int(epochs) if isinstance(epochs, int | float) else 0, seconds=float(seconds),
+                       error=error if isinstance(error, str) else None)
+
+
+def _remote_metric(sweep: dict[str, Any]) -> str:
+    metric = sweep.get("metric")
+    if isinstance(metric, list):  # several objectives: the first names the table's value column
+        metric = metric[0] if metric else None
+    if isinstance(metric, dict):
+        metric = metric.get("name")
+    return str(metric or "value")
+
+
+def _when(stamp: Any) -> str:
+    """An ISO 8601 timestamp of the service (UTC) in this machine's local time, as `status` prints times."""
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return "-"
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def _print_remote_result(sweep: dict[str, Any], trials: list[dict[str, Any]]) -> None:
+    """The end of `automl watch`: `_print_result`'s leaderboard and best trial, from the service's answers."""
+    from datetime import datetime
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    metric = _remote_metric(sweep)
+    top = trials[:10]
+    names = list(dict.fromkeys(str(k) for t in top for k in (t.get("params") or {})))
+    table = Table(title=f"leaderboard: {sweep.get('id')} (top {len(top)} of {len(trials)})")
+    for col in ("trial", "state", metric):
+        table.add_column(col, justify="left" if col == "state" else "right")
+    for name in names:  # a parameter named like a column above says it is one
+        table.add_column(f"params.{name}" if name in ("trial", "state", metric) else name, justify="right")
+    for t in top:
+        params = t.get("params") or {}
+        table.add_row(_cell(t.get("number")), _cell(t.get("state")), _cell(t.get("value")),
+                      *[_cell(params.get(n)) for n in names])
+    console.print(table)
+    counts = sweep.get("trials") or {}
+    line = "trials: " + (", ".join(f"{counts[k]} {k}" for k in ("complete", "stopped", "failed", "running")
+                                   if counts.get(k)) or "none")
+    try:
+        wall = (datetime.fromisoformat(sweep["finished"]) - datetime.fromisoformat(sweep["started"])).total_seconds()
+        line += f" in {wall:.1f}s"
+    except (KeyError, TypeError, ValueError):
+        pass  # never started, or still running
+    console.print(line, highlight=False)
+    best = sweep.get("best")
+    if not best:
+        console.print("[yellow]no trial completed; no best model[/yellow]")
+        return
+    value = best.get("value")
+    console.print(f"[bold green]best trial {best.get('number')}[/bold green]: {escape(metric)} = "
+                  f"{_cell(value) if not isinstance(value, float) else f'{value:.4f}'}", highlight=False)
+    mlflow = sweep.get("mlflow") or {}
+    console.print(f"  params:    {best.get('params')}", highlight=False, markup=False)
+    console.print(f"  run id:    {best.get('run_id')}   (sweep run {mlflow.get('run_id')})", highlight=False)
+    console.print(f"  model URI: {best.get('model_uri')}", highlight=False, markup=False)
+    if mlflow.get("url"):
+        console.print(f"  MLflow:    {mlflow['url']}", highlight=False, markup=False)
+
+
+def _remote_status(client: Client, sweep_id: str | None) -> None:
+    """`automl status --server`: the service's sweeps, or one sweep's trials (in trial order, as locally)."""
+    from rich.table import Table
+
+    from automl.client import RemoteSweep
+
+    if sweep_id is None:
+        table = Table(title=f"sweeps on {mask_url(client.url)}")
+        for col in ("sweep", "owner", "state", "trials", "metric", "best", "created"):
+            table.add_column(col)
+        for s in client.sweeps():
+            counts = s.get("trials") or {}
+            done = sum(int(counts.get(k) or 0) for k in ("complete", "stopped", "failed"))
+            planned = (s.get("budget") or {}).get("trials")
+            best = (s.get("best") or {}).get("value")
+            table.add_row(str(s.get("id")), str(s.get("owner") or "-"), str(s.get("state")),
+                          f"{done}/{planned}" if planned else str(done), _remote_metric(s),
+                          f"{best:.4f}" if isinstance(best, int | float) else "-", _when(s.get("created")))
+        console.print(table)
+        return
+    handle = RemoteSweep(client, sweep_id)
+    sweep, trials = handle.status(), handle.trials()
+    metric = _remote_metric(sweep)
+    table = Table(title=f"{sweep.get('id', sweep_id)}: {sweep.get('state')}")
+    for col in ("trial", "state", metric, "params", "run id"):
+        table.add_column(col)
+    for t in sorted(trials, key=lambda t: t["number"] if isinstance(t.get("number"), int) else -1):
+        value = t.get("value")
+        params = ", ".join(f"{k}={_cell(v)}" for k, v in (t.get("params") or {}).items())
+        table.add_row(_cell(t.get("number")), _cell(t.get("state")),
+                      f"{value:.4f}" if isinstance(value, int | float) else "-", params, _cell(t.get("run_id")))
+    console.print(table)
+    if sweep.get("error"):
+        console.print(f"error: {sweep['error']}", highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -46,3 +46,20 @@ class ExportError(AutoMLError):
 
 class UsageError(AutoMLError):
     """A command's arguments do not fit together (e.g. neither a spec file nor --data given to ``run``)."""
+
+
+class ServiceError(AutoMLError):
+    """The automl service answered a request with an error (``automl.Client``).
+
+    ``status`` is the HTTP status (401 no or bad token, 403 another user's sweep, 404 unknown id, 409 a change
+    that cannot be honoured, 413 body too large, 422 bad spec or path); ``detail`` the service's one line, which
+    is also ``str(error)``, with nothing added.
+    """
+
+    def __init__(self, status: int, detail: str) -> None:
+        self.status = status
+        self.detail = detail
+        super().__init__(detail)
+
+    def __reduce__(self) -> tuple[type[ServiceError], tuple[int, str]]:
+        return type(self), (self.status, self.detail)  # pickles (across processes) with both attributes

@@ -59,6 +59,10 @@ def capture(*names: str, level: int = logging.WARNING) -> DeferredFileHandler:
     """Route the named loggers (``ray``, ...) to the process's deferred log file, and off the terminal."""
     for name in names:
         logger = logging.getLogger(name)
+        # The library's own console handlers go (Ray adds one to its logger when imported): only the file remains.
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
         if _HANDLER not in logger.handlers:
             logger.addHandler(_HANDLER)
         logger.setLevel(level)

@@ -242,12 +242,20 @@ def connect_ray(address: str | None, capture_logs: bool = False) -> None:
         from automl import logfile
 
         logfile.capture("ray")
+    # Ray starts in a thread of the engine's own (automl.engine.driver), so ray.init cannot install its SIGTERM
+    # handler and says so on the terminal; signals are the CLI's business (it cancels the sweep), not Ray's.
+    logging.getLogger("ray._private.worker").addFilter(_NotMainThreadNotice())
     try:
         # No address: a Ray of our own. (Ray's own default would join any Ray already running on this
         # machine, such as another user's sweep; the embedded default is a local Ray for this sweep.)
         ray.init(address=address or "local", **kwargs)
     except ConnectionError as exc:
         raise AutoMLError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+
+
+class _NotMainThreadNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SIGTERM handler is not set")
 
 
 def find_sweep(name_or_id: str, tracking_uri: str) -> dict[str, Any]:

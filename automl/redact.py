@@ -31,3 +31,13 @@ def mask_url(url: str | None) -> str | None:
 def is_masked(url: str | None) -> bool:
     """True when ``url`` came from ``mask_url`` with a password taken out (it cannot be used to connect)."""
     return bool(url) and f":{MASK}@" in str(url)
+
+
+def without_credentials(url: str) -> str:
+    """``url`` with no user name or password at all: for links shown to others (a browser asks for its own)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

@@ -89,7 +89,15 @@ def find_unfinished(sweep: str, workdir: Path | None = None) -> SweepState:
         state = max(candidates, key=lambda st: st.created)
     if state.status == "FINISHED":
         raise AutoMLError(f"sweep {state.sweep_id} already finished; there is nothing to resume")
-    if state.parent_run_id is None:
+    folder = SweepState.folder(root, state.sweep_id)
+    if SweepLock.held(folder):
+        # A live driver holds it: say so (in the lock's words) before judging how far it got.
+        SweepLock(folder).acquire(state.sweep_id).release()  # raises while held; released if it just ended
+    journal = journal_path(folder)
+    if state.parent_run_id is None and not state.extra.get("storage") and (
+            not journal.exists() or b'"op_code":4' not in journal.read_bytes()):
+        # Killed before its first trial: nothing to resume. (Killed after it, but before its MLflow run's id was
+        # saved here, it resumes: the parent run is found by its sweep id, or made again.)
         raise AutoMLError(f"sweep {state.sweep_id} stopped before it started; run it again instead")
     return state
 

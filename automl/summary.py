@@ -18,9 +18,9 @@ PLOTS_DIR = "plots"
 
 
 def log_summary(client: MlflowClient, run_id: str, study: optuna.Study, board: pd.DataFrame,
-                objectives: list[tuple[str, str]]) -> list[str]:
-    """Log ``leaderboard.csv`` and the plots; returns the artifact paths written. Never raises: a plot that
-    cannot be drawn (too few trials, a conditional space) is skipped with a log line."""
+                objectives: list[tuple[str, str]], *, plots: bool = True) -> list[str]:
+    """Log ``leaderboard.csv`` and (``plots``) the plots; returns the artifact paths written. Never raises: a plot
+    that cannot be drawn (too few trials, a conditional space) is skipped with a log line."""
     written = []
     try:
         client.log_text(run_id, board.to_csv(index=False), "leaderboard.csv")
@@ -28,7 +28,7 @@ def log_summary(client: MlflowClient, run_id: str, study: optuna.Study, board: p
     except Exception as exc:
         log.warning("leaderboard.csv not logged: %s", exc)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    if len(complete) < 2:
+    if not plots or len(complete) < 2:
         return written
     import sys
 
@@ -40,17 +40,17 @@ def log_summary(client: MlflowClient, run_id: str, study: optuna.Study, board: p
     import optuna.visualization.matplotlib as vis
 
     names = [name for name, _ in objectives]
-    plots: dict[str, Any] = {}
+    drawings: dict[str, Any] = {}
     if len(objectives) == 1:
-        plots = {
+        drawings = {
             "optimization_history": lambda: vis.plot_optimization_history(study, target_name=names[0]),
             "parallel_coordinate": lambda: vis.plot_parallel_coordinate(study, target_name=names[0]),
             "param_importances": lambda: vis.plot_param_importances(study, target_name=names[0]),
             "intermediate_values": lambda: vis.plot_intermediate_values(study),
         }
     else:
-        plots = {"pareto_front": lambda: vis.plot_pareto_front(study, target_names=names)}
-    for name, draw in plots.items():
+        drawings = {"pareto_front": lambda: vis.plot_pareto_front(study, target_names=names)}
+    for name, draw in drawings.items():
         try:
             # rc_context undoes the plt.style.use("ggplot") that Optuna's plot functions apply globally.
             with warnings.catch_warnings(), matplotlib.rc_context():

@@ -83,6 +83,16 @@ def tune_trivial_space() -> dict[str, Any]:
     return {"x": tune.uniform(-10.0, 10.0)}
 
 
+def stamped(params: dict[str, Any], data: Any, report: ReportFn) -> None:
+    """automl trainer for the service benchmark: ``loss = x**2`` after ``params["sleep"]`` seconds (default 0),
+    with the wall-clock span of the trial (``t_start`` when the trainer is entered, ``t_end`` at its report)."""
+    wall_start = time.time()
+    start = time.perf_counter()
+    time.sleep(float(params.get("sleep", 0.0)))
+    report(1, {TRIVIAL_METRIC: trivial_value(params["x"]), "compute_s": time.perf_counter() - start,
+               T_START: wall_start, T_END: time.time()})
+
+
 # --------------------------------------------------------------------------------------------- digits
 
 

@@ -21,6 +21,8 @@ FLOORS = {
     "skops": ("0.12", "CVE-2025-54412 and CVE-2025-54413: skops type checks bypassed on load"),
     "mlflow": ("3.5", "Host-header checks against DNS rebinding for `automl ui`"),
     "ray": ("2.52", "token authentication for the local Ray (RAY_AUTH_MODE=token)"),
+    "starlette": ("0.49.1", "CVE-2024-47874, CVE-2025-54121, CVE-2025-62727: denial of service in `automl serve`"),
+    "python-multipart": ("0.0.22", "CVE-2024-53981 and CVE-2026-24486: dataset uploads to `automl serve`"),
 }
 
 
@@ -54,7 +56,7 @@ def test_each_dependency_floor_is_above_its_known_vulnerability(package: str) ->
 def probes_below(minimum: Version) -> list[str]:
     """Versions just under ``minimum`` (its last number less one, the major's .0) and a very old one."""
     release = list(minimum.release)
-    probes = ["0.1"]
+    probes = ["0.0.1"]
     if release[-1] > 0:
         probes.append(".".join(map(str, [*release[:-1], release[-1] - 1])))
     if Version(f"{release[0]}.0") < minimum:

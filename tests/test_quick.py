@@ -80,7 +80,7 @@ def test_run_without_spec_or_data_says_what_to_give(tmp_path: Path) -> None:
 @pytest.mark.timeout(240)
 def test_automl_mode_searches_models_and_registers_the_best(tmp_path: Path) -> None:
     mixed_table(tmp_path / "table.csv", task="classification")
-    proc = cli("run", "--data", "table.csv", "--target", "label", "--time", "10s", "--max-concurrent", "2",
+    proc = cli("run", "--data", "table.csv", "--target", "label", "--time", "7s", "--max-concurrent", "2",
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout

@@ -104,13 +104,15 @@ class Engine:
     # ------------------------------------------------------------------------------------------ the public side
 
     def submit(self, plan: Sweep, *, on_event: EventCallback | None = None, on_note: NoteCallback | None = None,
-               resume: SweepState | None = None, lock: SweepLock | None = None) -> SweepHandle:
+               resume: SweepState | None = None, lock: SweepLock | None = None,
+               sweep_id: str | None = None) -> SweepHandle:
         """Start ``plan`` (or resume the sweep ``resume``); its bad input is refused here, in one line, before
-        anything starts."""
+        anything starts. ``sweep_id`` names the new sweep (default: its name and the time)."""
         if self._closed:
             raise AutoMLError("the engine is shut down; start a new one")
         plan.check()
-        run = SweepRun(plan=plan, on_event=_safe(on_event), on_note=_safe(on_note), resume=resume, lock=lock)
+        run = SweepRun(plan=plan, on_event=_safe(on_event), on_note=_safe(on_note), resume=resume, lock=lock,
+                       requested_id=sweep_id)
         if resume is not None:
             run.sweep_id = resume.sweep_id
         with self._lock_starting():
@@ -445,6 +447,18 @@ class SweepHandle:
     @property
     def notes(self) -> list[str]:
         return list(self._run.notes)
+
+    @property
+    def mlflow(self) -> dict[str, str | None]:
+        """The sweep's MLflow experiment and parent run ids (None until the writer has created the run)."""
+        log = self._run.log
+        return {"experiment_id": getattr(log, "experiment_id", None) or None,
+                "run_id": getattr(log, "parent_run_id", None) or None}
+
+    @property
+    def future(self) -> Future[SweepResult]:
+        """Done when the sweep's record is closed: its result, or the error that ended it."""
+        return self._run.future
 
     def result(self, timeout: float | None = None) -> SweepResult:
         """Wait for the sweep's result (``SweepFailed`` past ``budget.max_failures``; the start-up's error)."""

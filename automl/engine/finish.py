@@ -5,6 +5,7 @@ folder updated, the result built."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import sys
@@ -51,13 +52,19 @@ def finish_sweep(run: SweepRun) -> SweepResult:
     pareto = _pareto_front(run, tags, log_csv=mlflow) if core.multi else []
     best = core.best
     if best is not None and best.value is not None:
-        params = dict(best.params)
+        # MLflow params are immutable: the best trial's values become the parent's params only at a final end; a
+        # cancelled or failed sweep may resume and find a better trial, so until then they are a tag.
+        if status == "FINISHED":
+            params = dict(best.params)
         metrics = {k: v for k, v in best.metrics.items() if math.isfinite(v)}
-        tags.update({"automl.best_trial": str(best.number), tracking.TAG_BEST_RUN: best.run_id or ""})
+        tags.update({"automl.best_trial": str(best.number), tracking.TAG_BEST_RUN: best.run_id or "",
+                     "automl.best_params": json.dumps(best.params, default=str)[:5000]})
         if mlflow:
             run.model_uri = _log_best_model(run, tags)
     if mlflow:
-        _log_summary(run)
+        # The plots wait for the sweep's real end: a cancelled or failed sweep is resumed (and plotted) later, and
+        # Ctrl-C should let go in a second, not after matplotlib has drawn four figures.
+        _log_summary(run, plots=status == "FINISHED")
     run.state.extra.update(best_model_uri=run.model_uri)
     try:
         sweep_log.finish(status, params=params, metrics=metrics, tags=tags)
@@ -133,7 +140,7 @@ def trainer_importable(trainer: TrainerRef) -> Iterator[None]:
                 sys.path.remove(folder)
 
 
-def _log_summary(run: SweepRun) -> None:
+def _log_summary(run: SweepRun, *, plots: bool) -> None:
     from automl.summary import log_summary
 
     core = run.core
@@ -141,7 +148,7 @@ def _log_summary(run: SweepRun) -> None:
     objectives: list[tuple[str, str]] = [(m.name, str(m.goal or "maximize")) for m in core.objectives]
     board = leaderboard([core.records[k] for k in sorted(core.records)], core.metric, core.goal, objectives)
     with _PLOTS:
-        log_summary(run.log.client, run.log.parent_run_id, core.study, board, objectives)
+        log_summary(run.log.client, run.log.parent_run_id, core.study, board, objectives, plots=plots)
 
 
 def _pareto_front(run: SweepRun, tags: dict[str, str], *, log_csv: bool) -> list[int]:

@@ -43,6 +43,7 @@ class SweepRun:
     on_note: NoteCallback
     resume: SweepState | None = None
     lock: SweepLock | None = None
+    requested_id: str | None = None  # the id a caller chose (the service's); default: the name and the time
     sweep_id: str = ""
     phase: str = Phase.STARTING
     submitted: float = field(default_factory=time.perf_counter)

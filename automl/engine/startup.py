@@ -8,6 +8,8 @@ the data loads; the parent run is created by the writer process while the first 
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from automl.engine.run import SweepRun
 
 DEFAULT_TRIALS = 20
+
+log = logging.getLogger(__name__)
 
 
 def start_sweep(engine: Engine, run: SweepRun) -> None:
@@ -95,6 +99,25 @@ def after_start(run: SweepRun) -> None:
     run.state.experiment_id = run.log.experiment_id
     run.state.parent_run_id = run.log.parent_run_id
     run.state.save(run.folder.parent)
+    _prewarm_finish(run)
+
+
+def _prewarm_finish(run: SweepRun) -> None:
+    """While the trials run, what the finishing step will need and a cold process lacks: MLflow imported and the
+    store opened in this process (the driver's own client, for the best model and the summary), matplotlib and
+    Optuna's plots imported. Otherwise a CLI's first sweep pays them (3-5 s on 2 cores) after its last trial."""
+    try:
+        _ = run.log.client
+        import matplotlib
+
+        import automl.summary  # noqa: F401
+
+        if "matplotlib.pyplot" not in sys.modules:
+            matplotlib.use("Agg")  # as automl.summary picks it: files only, never a window
+        import matplotlib.pyplot
+        import optuna.visualization.matplotlib  # noqa: F401
+    except Exception:  # a convenience only: the finishing step does (and reports) the same work itself
+        log.debug("pre-warming the finishing step failed", exc_info=True)
 
 
 # ------------------------------------------------------------------------------------------------ resources
@@ -160,7 +183,7 @@ def _open_study(engine: Engine, run: SweepRun, planned: int) -> optuna.Study:
         from automl.engine.warmstart import find_candidates
 
         found = find_candidates(engine.client_for(plan.tracking_uri), plan)
-    run.sweep_id = reserve_sweep_id(root, f"{spec.name}-{_now_id()}")
+    run.sweep_id = reserve_sweep_id(root, run.requested_id or f"{spec.name}-{_now_id()}")
     run.folder = SweepState.folder(root, run.sweep_id)
     run.lock = SweepLock(run.folder).acquire(run.sweep_id)
     logfile.activate(log_file(plan))  # the state folder exists now: library output may be written there
@@ -295,14 +318,28 @@ def _open_record(engine: Engine, run: SweepRun, planned: int, concurrency: int) 
         import yaml
 
         spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    parent = None
+    if run.resume is not None:
+        parent = run.resume.parent_run_id or _find_parent(engine, plan.tracking_uri, run.sweep_id)
     run.log.open(experiment=spec.experiment_name, artifact_location=artifact_location, run_name=run.sweep_id,
-                 tags=tags, params=params, spec_text=spec_text,
-                 run_id=run.resume.parent_run_id if run.resume else None, log_file=log_file(plan))
+                 tags=tags, params=params, spec_text=spec_text, run_id=parent, log_file=log_file(plan))
     if run.resume is None:
         budget = spec.budget
         # The budget as metrics on the parent run, at the start and at each live change: MLflow shows when it moved.
         run.log.log_parent(metrics={"budget.trials": planned, "budget.max_concurrent": concurrency,
                                     **({"budget.time": budget.time} if budget.time else {})})
+
+
+def _find_parent(engine: Engine, tracking_uri: str, sweep_id: str) -> str | None:
+    """The parent run of a sweep whose driver died before it saved the run's id (the writer made it after)."""
+    from automl import tracking
+
+    client = engine.client_for(tracking_uri)
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               filter_string=f"tags.`{tracking.TAG_SWEEP_ID}` = '{sweep_id}' and "
+                                             f"tags.`{tracking.TAG_ROLE}` = 'sweep'",
+                               order_by=["attributes.start_time ASC"], max_results=1)
+    return str(found[0].info.run_id) if found else None
 
 
 def _repair_trial_runs(run: SweepRun) -> None:
