@@ -27,8 +27,16 @@ def log_summary(client: MlflowClient, run_id: str, study: optuna.Study, board: p
         written.append("leaderboard.csv")
     except Exception as exc:
         log.warning("leaderboard.csv not logged: %s", exc)
+    if plots:
+        written += log_plots(client, run_id, study, objectives)
+    return written
+
+
+def log_plots(client: MlflowClient, run_id: str, study: optuna.Study, objectives: list[tuple[str, str]]) -> list[str]:
+    """Optuna's plots as images on the run; returns the artifact paths written. Never raises."""
+    written: list[str] = []
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    if not plots or len(complete) < 2:
+    if len(complete) < 2:
         return written
     import sys
 

@@ -16,13 +16,13 @@ anything has). Then, on the warm service:
    2 at a time): end-to-end efficiency = (sum of in-trial compute / 2) / (FINISHED - submit), with FINISHED the
    service's own ``finished`` time of the sweep (its finishing step, plots and best model in MLflow, included).
    Steady-state: the same compute over the span from the first trial's start to the last one's end.
-3. **throughput**: ``--sweeps`` small sweeps (``objectives:stamped``, 10 random trials of 0.2 s each, 2 at a
+3. **throughput**: ``--sweeps`` small sweeps (``objectives:stamped``, 20 random trials of 0.2 s each, 2 at a
    time) submitted at once: trials per second from the first submit to the last trial's end; and fairness, from
    the trials' own spans: the window in which every sweep was running (from the last sweep's first trial start to
    the first sweep's last trial end); each sweep's slot-seconds in it; Jain's index of those (1.0: equal
    shares) and the smallest and largest share relative to an equal one.
 
-Beside them, ``--cli-runs`` times the same small sweep (throughput's: 10 trials of 0.2 s) with ``automl run`` in a
+Beside them, ``--cli-runs`` times the same small sweep (throughput's: 20 trials of 0.2 s) with ``automl run`` in a
 fresh process, one after another, each in a new folder: the first trial's start after the command started
 (latency), and trials per second over all of them; and the digits sweep with ``automl run`` once: its efficiency
 over the process's whole life. Figures come from the trials' own stamps, read back from MLflow.
@@ -56,7 +56,7 @@ AUTOML = str(Path(sys.executable).with_name("automl"))
 CONCURRENCY = 2
 LATENCY_BUDGET_S = 0.3
 EFFICIENCY_BUDGET = 0.85
-SMALL_TRIALS, SMALL_SLEEP = 10, 0.2
+SMALL_TRIALS, SMALL_SLEEP = 20, 0.2
 FINAL = ("FINISHED", "FAILED", "CANCELLED")
 
 
@@ -183,13 +183,15 @@ def run_on_service(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         service.wait(service.submit(stamped_spec("warm-up", 2, 0.0, 0)))
         service.wait(service.submit({**digits_spec(2), "name": "warm-up-digits"}))
 
-        latencies = []
+        latencies, answered = [], []
         for i in range(args.sweeps):
             submitted = time.time()
             sweep_id = service.submit(stamped_spec(f"latency-{i}", 2, 0.0, i))
+            answered.append(time.time() - submitted)  # the POST's own answer (201 with the QUEUED sweep)
             service.wait(sweep_id)
             latencies.append(spans(service.trials(sweep_id))[0][0] - submitted)
         out["latency_s"] = latencies
+        out["post_s"] = answered
         print(f"latency p50 {percentile(latencies, 50):.3f} s", file=sys.stderr, flush=True)
 
         submitted = time.time()
@@ -300,6 +302,7 @@ def report(service: dict[str, Any], cli: dict[str, Any], args: argparse.Namespac
         "|---|---|---|",
         f"| submit to first trial, p50 / p99 (s) | {p50:.3f} / {p99:.3f} ({len(lat)} sweeps) | {cli_cells} "
         f"({len(cli_lat)} runs) |",
+        f"| the submit's own answer (POST, 201), p50 (s) | {percentile(service['post_s'], 50):.3f} | - |",
         f"| digits ({d['trials']} trials): end-to-end efficiency | {d['efficiency']:.2f} | {cd['efficiency']:.2f} |",
         f"| digits: steady-state efficiency | {d['steady_efficiency']:.2f} | {cd['steady_efficiency']:.2f} |",
         f"| digits: first trial after submit / after its last trial until FINISHED (s) | {d['first_trial_s']:.2f} / "

@@ -92,7 +92,9 @@ def test_digits_mlp_sweep_is_recorded_in_mlflow_and_the_best_model_predicts(work
             "automl.version.mlflow"} <= set(parent.data.tags)
     assert parent.data.params["sweep.method"] == "bayesian"
     assert parent.data.params["sweep.seed"] == "0"
-    # The sweep's summary: the leaderboard and the plots a user would otherwise make by hand.
+    # The sweep's summary: the leaderboard and the plots a user would otherwise make by hand (drawn just after the
+    # result is returned).
+    result.wait_for_summary(timeout=120)
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"spec.yaml", "leaderboard.csv", "best_model", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}

@@ -357,7 +357,7 @@ class Engine:
         self._finisher.submit(self._finish_in_thread, run)
 
     def _finish_in_thread(self, run: SweepRun) -> None:
-        from automl.engine.finish import finish_sweep
+        from automl.engine.finish import draw_plots, finish_sweep
 
         try:
             run.started_event.wait()
@@ -373,7 +373,14 @@ class Engine:
         finally:
             if run.lock is not None and run.resume is None:
                 run.lock.release()
-            run.phase = Phase.DONE
+            # After the result: whoever waits on the sweep has it a second sooner. shutdown() waits for this pool.
+            try:
+                draw_plots(run)
+            except Exception:
+                log.warning("the summary plots of %s were not drawn", run.sweep_id, exc_info=True)
+            finally:
+                run.summary.set_result(None)
+                run.phase = Phase.DONE
 
     # ------------------------------------------------------------------------------------------ live control
 

@@ -62,9 +62,10 @@ def finish_sweep(run: SweepRun) -> SweepResult:
         if mlflow:
             run.model_uri = _log_best_model(run, tags)
     if mlflow:
-        # The plots wait for the sweep's real end: a cancelled or failed sweep is resumed (and plotted) later, and
-        # Ctrl-C should let go in a second, not after matplotlib has drawn four figures.
-        _log_summary(run, plots=status == "FINISHED")
+        _log_summary(run)
+        # The plots follow the result (draw_plots): about a second of matplotlib that nothing needs to wait for.
+        # Only at the sweep's real end: a cancelled or failed sweep is resumed (and plotted) later.
+        run.plots_due = status == "FINISHED"
     run.state.extra.update(best_model_uri=run.model_uri)
     try:
         sweep_log.finish(status, params=params, metrics=metrics, tags=tags)
@@ -140,15 +141,29 @@ def trainer_importable(trainer: TrainerRef) -> Iterator[None]:
                 sys.path.remove(folder)
 
 
-def _log_summary(run: SweepRun, *, plots: bool) -> None:
+def _log_summary(run: SweepRun) -> None:
     from automl.summary import log_summary
 
     core = run.core
     assert core is not None
-    objectives: list[tuple[str, str]] = [(m.name, str(m.goal or "maximize")) for m in core.objectives]
-    board = leaderboard([core.records[k] for k in sorted(core.records)], core.metric, core.goal, objectives)
+    board = leaderboard([core.records[k] for k in sorted(core.records)], core.metric, core.goal, _objectives(run))
+    log_summary(run.log.client, run.log.parent_run_id, core.study, board, _objectives(run), plots=False)
+
+
+def draw_plots(run: SweepRun) -> None:
+    """The summary plots on the parent run, once the result is out (the engine's finishing thread; never raises)."""
+    from automl.summary import log_plots
+
+    core = run.core
+    if not run.plots_due or core is None:
+        return
     with _PLOTS:
-        log_summary(run.log.client, run.log.parent_run_id, core.study, board, objectives, plots=plots)
+        log_plots(run.log.client, run.log.parent_run_id, core.study, _objectives(run))
+
+
+def _objectives(run: SweepRun) -> list[tuple[str, str]]:
+    assert run.core is not None
+    return [(m.name, str(m.goal or "maximize")) for m in run.core.objectives]
 
 
 def _pareto_front(run: SweepRun, tags: dict[str, str], *, log_csv: bool) -> list[int]:
@@ -185,5 +200,5 @@ def _result(run: SweepRun, pareto: list[int], status: str) -> SweepResult:
         tracking_uri=run.plan.tracking_uri, sampler=run.sampler_name,
         wall_seconds=time.perf_counter() - run.submitted, state_dir=run.folder,
         objectives=[(m.name, m.goal or "maximize") for m in core.objectives], pareto_front=pareto,
-        trusted_modules=trusted_modules(run), status=status, warm_start_trials=run.warm_start,
+        trusted_modules=trusted_modules(run), status=status, warm_start_trials=run.warm_start, summary=run.summary,
     )

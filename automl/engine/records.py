@@ -6,6 +6,7 @@ executor or the recorder.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -104,6 +105,14 @@ class SweepResult:
     trusted_modules: list[str] = field(default_factory=list)
     status: str = "FINISHED"  # FINISHED | FAILED | KILLED (cancelled: resumable)
     warm_start_trials: int = 0  # earlier trials that seeded the sampler (not run, not in ``trials``)
+    # The summary plots on the parent run are drawn after the result is known (they take about a second and
+    # nothing waits on them); done when they are on the run. The engine finishes them before it shuts down.
+    summary: Future[None] | None = field(default=None, repr=False, compare=False)
+
+    def wait_for_summary(self, timeout: float | None = None) -> None:
+        """Wait until the summary plots are on the parent run (they follow the result by about a second)."""
+        if self.summary is not None:
+            self.summary.result(timeout=timeout)
 
     def leaderboard(self, top: int | None = None) -> pd.DataFrame:
         """Trials sorted best first (finished trials first, then stopped, killed, failed)."""

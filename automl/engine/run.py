@@ -48,6 +48,8 @@ class SweepRun:
     phase: str = Phase.STARTING
     submitted: float = field(default_factory=time.perf_counter)
     future: Future[SweepResult] = field(default_factory=Future)
+    summary: Future[None] = field(default_factory=Future)  # the plots, drawn after the result (engine.finish)
+    plots_due: bool = False
     started_event: threading.Event = field(default_factory=threading.Event)
     # Filled by the start-up
     folder: Path | None = None

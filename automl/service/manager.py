@@ -77,6 +77,7 @@ class SweepManager:
         self._starting: set[str] = set()
         self._lock = threading.RLock()
         self._kick = threading.Event()
+        self._plans: dict[str, Any] = {}  # sweep id -> the Sweep its submit built, until it starts
         self._stopping = False
         self._events: queue.SimpleQueue[tuple[str, str, dict[str, Any]] | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_events, name="automl-service-events", daemon=True)
@@ -115,7 +116,8 @@ class SweepManager:
         resolved = policy.resolve(body_spec, overrides, data_root=settings.data_root,
                                   trainers_dir=settings.trainers_dir, store=self.store, principal=principal)
         plan = Sweep(resolved.spec, base_dir=resolved.base_dir, workdir=settings.root,
-                     tracking_uri=settings.tracking_uri, storage=settings.storage, source="spec")
+                     tracking_uri=settings.tracking_uri, storage=settings.storage, spec_text=resolved.text,
+                     source="spec")
         plan.check()  # data file and header, trainer source: the same one-line refusals as `automl validate`
         spec = resolved.spec
         planned = plan.planned_trials()
@@ -124,6 +126,7 @@ class SweepManager:
                 "sampler": sampler_name(spec.method, plan.space, objectives=len(spec.objectives), trials=planned),
                 "budget": {"trials": planned, "max_concurrent": spec.budget.max_concurrent, "time": spec.budget.time},
                 "base_dir": str(resolved.base_dir), "text": resolved.text, "counts": {}}
+        self._plans[sweep_id] = plan  # checked already: its start need not parse and check it again
         self.store.add_sweep({"id": sweep_id, "name": spec.name, "owner": principal.name, "state": "QUEUED",
                               "created": time.time(), "spec": resolved.raw, "info": info})
         self._event(sweep_id, "sweep_state", {"state": "QUEUED", "error": None})
@@ -145,6 +148,7 @@ class SweepManager:
             record = self.store.get_sweep(sweep_id)
             assert record is not None  # checked by the caller
             if record["state"] == "QUEUED":
+                self._plans.pop(sweep_id, None)
                 self.store.update_sweep(sweep_id, state="CANCELLED", finished=time.time())
                 self._event(sweep_id, "sweep_state", {"state": "CANCELLED", "error": None})
                 return self.view(sweep_id)
@@ -216,6 +220,7 @@ class SweepManager:
             raise Conflict(str(exc)) from None
         info = {"budget": {"trials": spec.budget.trials or record["info"]["budget"]["trials"],
                            "max_concurrent": spec.budget.max_concurrent, "time": spec.budget.time}}
+        self._plans.pop(record["id"], None)  # its start builds the plan from the changed spec
         self.store.update_sweep(record["id"], spec=spec.model_dump(mode="json"), info=info)
         return self.view(record["id"])
 
@@ -311,9 +316,11 @@ class SweepManager:
         settings = self.settings
         state = lock = None
         try:
-            plan = Sweep(spec_from_dict(record["spec"], source="spec"), base_dir=Path(record["info"]["base_dir"]),
-                         workdir=settings.root, tracking_uri=settings.tracking_uri, storage=settings.storage,
-                         spec_text=record["info"].get("text"), source="spec")
+            plan = self._plans.pop(sweep_id, None) if not resume else None
+            if plan is None:  # resumed, or queued by a service before this one
+                plan = Sweep(spec_from_dict(record["spec"], source="spec"), base_dir=Path(record["info"]["base_dir"]),
+                             workdir=settings.root, tracking_uri=settings.tracking_uri, storage=settings.storage,
+                             spec_text=record["info"].get("text"), source="spec")
             if resume:
                 folder = SweepState.folder(state_root(settings.root), sweep_id)
                 try:
@@ -474,4 +481,7 @@ def _counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 def _iso(stamp: float | None) -> str | None:
     if stamp is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+    from datetime import UTC, datetime
+
+    # Milliseconds: a sweep of small trials starts and ends within one second.
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
