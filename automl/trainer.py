@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -240,12 +241,29 @@ class TrainerRef:
         return obj
 
 
+_REGISTRY: tuple[tuple[tuple[str, int], ...], dict[str, str]] | None = None
+
+
 def registered_trainers() -> dict[str, str]:
     """Built-in trainers plus those installed packages register under the ``automl.trainers`` group."""
+    global _REGISTRY
+    # Reading every installed package's entry points costs ~20 ms; a service checks each submitted spec with it.
+    # Installing or removing a package changes its site folder's mtime, which is part of the key.
+    key = tuple((p, _mtime_ns(p)) for p in sys.path)
+    if _REGISTRY is not None and _REGISTRY[0] == key:
+        return dict(_REGISTRY[1])
     found = dict(BUILTIN_TRAINERS)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         found[ep.name] = ep.value
-    return found
+    _REGISTRY = (key, found)
+    return dict(found)
+
+
+def _mtime_ns(path: str) -> int:
+    try:
+        return os.stat(path or ".").st_mtime_ns
+    except OSError:
+        return -1
 
 
 def resolve_trainer(name: str, base_dir: Path | None = None) -> TrainerRef:

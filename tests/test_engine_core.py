@@ -115,6 +115,25 @@ def test_two_sweeps_wanting_more_than_the_slots_share_them_fairly(
     assert len(ra.trials) == len(rb.trials) == 6
 
 
+def test_more_sweeps_than_slots_all_move_rather_than_the_oldest_first(
+    engine: tuple[Engine, InProcessExecutor, MemoryRecorder], trainers: Path, tmp_path: Path
+) -> None:
+    eng, executor, _ = engine
+    raw = spec("many", max_concurrent=2, trials=6)
+    handles = [eng.submit(plan({**raw, "name": f"many-{i}"}, trainers, tmp_path)) for i in range(4)]
+    results = [h.result(timeout=60) for h in handles]
+    firsts = [min(executor.starts[k] for k in executor.starts if k.sweep_id == r.sweep_id) for r in results]
+    lasts = [max(executor.ends[k] for k in executor.ends if k.sweep_id == r.sweep_id) for r in results]
+    # Every sweep started before any ended (the oldest did not take both slots until it was done), and while all
+    # four ran each had its turns: trial time is shared, not handed out by age.
+    assert max(firsts) < min(lasts)
+    for r in results:
+        inside = [k for k in executor.starts if k.sweep_id == r.sweep_id and max(firsts) <= executor.starts[k]
+                  < min(lasts)]
+        assert inside, r.sweep_id
+    assert all(len(r.trials) == 6 for r in results)
+
+
 def test_live_budget_changes_take_effect_and_impossible_ones_are_refused(
     engine: tuple[Engine, InProcessExecutor, MemoryRecorder], trainers: Path, tmp_path: Path
 ) -> None:

@@ -4,8 +4,9 @@
 ``result()`` waits for it, ``cancel()`` stops it (running trials KILLED, resumable), ``update(trials=,
 max_concurrent=, time=)`` changes its budget live, ``status()`` says where it stands. The loop thread alone calls
 the sweeps' decisions (``SweepCore``) and the executor's launches; handles talk to it through a queue. Free
-workers go to the sweep with the fewest running trials (then the oldest): two sweeps that each want more than the
-cluster holds get about half each. A sweep's finishing step (model, plots, registry) runs in a thread of its own, so
+workers go to the sweep with the fewest running trials, then the least trial time had, then the oldest: two
+sweeps that each want more than the cluster holds get about half each, and twenty sweeps on two workers all move
+at once. A sweep's finishing step (model, plots, registry) runs in a thread of its own, so
 it never holds up the others. The CLI runs its one sweep on the same engine.
 """
 
@@ -262,6 +263,9 @@ class Engine:
         if kind == "started":
             run: SweepRun = command[1]
             run.phase = Phase.RUNNING
+            # Fair share counts trial time from here on: a sweep that arrives late starts level with the running
+            # ones (not with the time they have had), as a fair-share scheduler places a new task.
+            run.attained = min((r.attained for r in self._running.values()), default=0.0)
             self._running[run.sweep_id] = run
             if run.cancel_requested:
                 self._cancel(run, run.cancel_requested)
@@ -281,13 +285,15 @@ class Engine:
                 reply.set_exception(exc)
 
     def _schedule(self) -> None:
-        """Launch trials while workers are free: to the sweep with the fewest running trials, then the oldest."""
+        """Launch trials while workers are free: to the sweep with the fewest running trials, then the one that has
+        had the least trial time (so that twenty sweeps on two workers all move, rather than the oldest first),
+        then the oldest."""
         while True:
             wanting = [r for r in self._running.values()
                        if r.phase == Phase.RUNNING and r.core is not None and r.core.wanted() > 0]
             if not wanting:
                 return
-            wanting.sort(key=lambda r: (len(r.core.trials) if r.core else 0, r.submitted))
+            wanting.sort(key=lambda r: (len(r.core.trials) if r.core else 0, r.attained, r.submitted))
             for run in wanting:
                 if self.executor.can_start(run.shape):
                     self._guard(run, lambda r=run: r.core.launch_next())
@@ -300,6 +306,8 @@ class Engine:
         if isinstance(event, TrialEnd):
             self._zombies.pop(key, None)
         run = self._running.get(key.sweep_id)
+        if run is not None and isinstance(event, TrialEnd):
+            run.attained += max(0.0, event.seconds)
         if run is None or run.core is None or run.phase != Phase.RUNNING:
             return  # a trial of a sweep that was cancelled or finished: its late events are dropped
         core = run.core

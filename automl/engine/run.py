@@ -62,6 +62,7 @@ class SweepRun:
     shape: Shape = field(default_factory=Shape)
     history: dict[int, dict[int, float]] = field(default_factory=dict)  # resuming: restored trials' values
     warm_start: int = 0
+    attained: float = 0.0  # trial seconds this sweep has had since it started running (the engine's fair share)
     warm_sources: list[str] = field(default_factory=list)
     model_uri: str | None = None
     error: BaseException | None = None
