@@ -471,6 +471,9 @@ def automl_sweep(m: Measurement, *, workdir: Path, trainer: str | None = None, t
     result = Sweep.from_dict(spec, base_dir=HERE, workdir=workdir).run()
     m.call_returned = time.time()
     m.wall_s = time.perf_counter() - start
+    # The summary plots follow the result in the background; they finish here, outside this sweep's wall time and
+    # before the next measurement starts, so that no sweep pays for the one before it.
+    result.wait_for_summary(timeout=600)
     done = [t for t in result.trials if t.state == "COMPLETE"]
     m.completed = len(done)
     if trainer is None:

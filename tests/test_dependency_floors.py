@@ -21,8 +21,9 @@ FLOORS = {
     "skops": ("0.12", "CVE-2025-54412 and CVE-2025-54413: skops type checks bypassed on load"),
     "mlflow": ("3.5", "Host-header checks against DNS rebinding for `automl ui`"),
     "ray": ("2.52", "token authentication for the local Ray (RAY_AUTH_MODE=token)"),
-    "starlette": ("0.49.1", "CVE-2024-47874, CVE-2025-54121, CVE-2025-62727: denial of service in `automl serve`"),
-    "python-multipart": ("0.0.22", "CVE-2024-53981 and CVE-2026-24486: dataset uploads to `automl serve`"),
+    "starlette": ("1.6", "CVE-2024-47874, CVE-2025-54121, CVE-2025-62727, CVE-2026-48710 (Host header), "
+                         "CVE-2026-54282/54283: `automl serve`"),
+    "python-multipart": ("0.0.27", "CVE-2024-53981, CVE-2026-24486, CVE-2026-42561: dataset uploads to `automl serve`"),
 }
 
 
