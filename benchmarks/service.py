@@ -41,9 +41,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -254,6 +252,8 @@ def cli_sweep(folder: Path, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
+    from overhead import _temp_dir
+
     out: dict[str, Any] = {"latency_s": [], "walls_s": [], "trials": 0}
     for i in range(args.cli_runs):
         with _temp_dir("service-bench-cli-") as folder:
@@ -275,15 +275,6 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
                      "first_trial_s": digit_spans[0][0] - run["started"]}
     print(f"  automl run digits: efficiency {out['digits']['efficiency']:.2f}", file=sys.stderr, flush=True)
     return out
-
-
-@contextlib.contextmanager
-def _temp_dir(prefix: str) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _verdict(ok: bool) -> str:
@@ -331,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sweeps < 2 or args.digits_trials < 2 or args.cli_runs < 0:
         parser.error("--sweeps and --digits-trials must be at least 2, --cli-runs at least 0")
-    from overhead import machine, versions
+    from overhead import _temp_dir, machine, versions
 
     with _temp_dir("service-bench-") as home:
         service = run_on_service(args, home)

@@ -100,6 +100,7 @@ def test_sweep_over_http_records_states_and_artifacts_in_the_servers_store(
         "parameters": {"x": {"type": "float", "low": 0.0, "high": 1.0}},
     }
     result = Sweep.from_dict(spec, base_dir=ASSETS, workdir=workdir, tracking_uri=url).run()
+    result.wait_for_summary(timeout=120)  # its plots go to this server too, before the module stops it
     assert not (workdir / "mlflow.db").exists()  # nothing went to an embedded store
     failed = {t.number for t in result.trials if t.state == "FAILED"}
     assert failed
@@ -140,6 +141,7 @@ def test_best_model_exports_and_predicts_from_the_server(server: tuple[str, Path
         "parameters": {"C": {"type": "float", "low": 0.1, "high": 10, "log": True}},
     }
     result = Sweep.from_dict(spec, base_dir=ASSETS, workdir=workdir, tracking_uri=url).run()
+    result.wait_for_summary(timeout=120)  # its plots go to this server too, before the module stops it
     # In process: the CLI's export and predict are the same functions, tested as commands elsewhere.
     out = result.export(workdir / "exported", format="mlflow")
     assert (out / "MLmodel").exists()

@@ -42,6 +42,7 @@ CUT_GRACE = 5.0  # seconds a cancelled trial has to stop at its next report befo
 CONTROL_EVERY = 0.5  # seconds between looks for `automl set` requests in running sweeps' state folders
 # Workers idle this long while no sweep runs go back to the cluster (other drivers may need them); the next sweep
 # starts new ones, cold.
+PLOTS_GRACE = 60.0  # seconds shutdown() waits for summary plots still being drawn
 IDLE_TIMEOUT = 600.0
 
 
@@ -80,10 +81,13 @@ class Engine:
             self._executor.set_result(executor)
         self._starter = ThreadPoolExecutor(max_workers=4, thread_name_prefix="automl-start")
         self._finisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="automl-finish")
-        # Summary plots: one thread at a lower CPU priority, so that drawing the last sweep's figures takes what
-        # the next sweep's trials leave (Linux: a thread's own nice value).
-        self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="automl-plots",
-                                           initializer=_lower_thread_priority)
+        # Summary plots: one daemon thread at a lower CPU priority, so that drawing the last sweep's figures takes
+        # what the next sweep's trials leave (Linux: a thread's own nice value). A daemon, and waited for at most
+        # PLOTS_GRACE at shutdown: plots bound for a tracking server that has gone away (MLflow retries for
+        # minutes) must not hold a process's exit.
+        self._plots: queue.SimpleQueue[SweepRun | None] = queue.SimpleQueue()
+        self._plotter = threading.Thread(target=self._plot_loop, name="automl-plots", daemon=True)
+        self._plotter.start()
         self._thread = threading.Thread(target=self._loop, name="automl-engine", daemon=True)
         self._thread.start()
 
@@ -166,7 +170,10 @@ class Engine:
         self._thread.join(timeout=120)
         self._starter.shutdown(wait=True)
         self._finisher.shutdown(wait=True)
-        self._plotter.shutdown(wait=True)
+        self._plots.put(None)
+        self._plotter.join(timeout=PLOTS_GRACE)
+        if self._plotter.is_alive():
+            log.warning("summary plots still being drawn after %s s at shutdown; left undone", PLOTS_GRACE)
         with contextlib.suppress(Exception):
             if self._executor.done():
                 self.executor.shutdown()
@@ -388,18 +395,19 @@ class Engine:
                 run.lock.release()
             run.phase = Phase.DONE
             # After the result: whoever waits on the sweep has it a second sooner. shutdown() waits for the plots.
-            self._plotter.submit(self._plots_in_thread, run)
+            self._plots.put(run)
 
-    @staticmethod
-    def _plots_in_thread(run: SweepRun) -> None:
+    def _plot_loop(self) -> None:
         from automl.engine.finish import draw_plots
 
-        try:
-            draw_plots(run)
-        except Exception:
-            log.warning("the summary plots of %s were not drawn", run.sweep_id, exc_info=True)
-        finally:
-            run.summary.set_result(None)
+        _lower_thread_priority()
+        while (run := self._plots.get()) is not None:
+            try:
+                draw_plots(run)
+            except Exception:
+                log.warning("the summary plots of %s were not drawn", run.sweep_id, exc_info=True)
+            finally:
+                run.summary.set_result(None)
 
     # ------------------------------------------------------------------------------------------ live control
 
