@@ -106,7 +106,7 @@ class SweepResult:
     status: str = "FINISHED"  # FINISHED | FAILED | KILLED (cancelled: resumable)
     warm_start_trials: int = 0  # earlier trials that seeded the sampler (not run, not in ``trials``)
     # The summary plots on the parent run are drawn after the result is known (they take about a second and
-    # nothing waits on them); done when they are on the run. The engine finishes them before it shuts down.
+    # nothing waits on them); done when they are on the run. The engine waits for them when it shuts down (up to 60 s).
     summary: Future[None] | None = field(default=None, repr=False, compare=False)
 
     def wait_for_summary(self, timeout: float | None = None) -> None:
