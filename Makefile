@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pip does not fetch a multi-GB CUDA build. Elsewhere, users get the build their platform offers.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install lint bench clean browser
+.PHONY: demo test install lint bench clean browser postgres
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-test: install browser
+# The scale-out tests run a real PostgreSQL server (initdb, pg_ctl): installed when missing.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+test: install browser postgres
 	$(BIN)/python -m pytest -q
 
 lint: install

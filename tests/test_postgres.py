@@ -22,8 +22,8 @@ from servers import free_port, stop_group, wait_until_up
 from automl.tracking import PARENT_TAG
 
 ASSETS = Path(__file__).parent / "assets"
-PG_BIN = next((Path(p) for p in ("/usr/lib/postgresql/15/bin", "/usr/local/bin") if (Path(p) / "initdb").exists()),
-              None)
+PG_BIN = next((p.parent for p in sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)),
+              Path("/usr/local/bin") if Path("/usr/local/bin/initdb").exists() else None)
 
 
 def as_postgres(*cmd: str) -> list[str]:
@@ -33,8 +33,8 @@ def as_postgres(*cmd: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
-    if PG_BIN is None or (os.geteuid() == 0 and shutil.which("runuser") is None):
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    assert PG_BIN is not None, "PostgreSQL server binaries (initdb, pg_ctl) are missing: `make test` installs them"
+    assert os.geteuid() != 0 or shutil.which("runuser"), "runuser (util-linux) runs PostgreSQL as `postgres`"
     # Not under pytest's tmp_path: that tree is private to root, and the server runs as `postgres`.
     base = Path(tempfile.mkdtemp(prefix="automl-pg-"))
     data = base / "data"
