@@ -133,12 +133,14 @@ def run(
         sweep = sweep.continuing()
     sweep.check()  # bad data or trainer: one line now, before the header and Ray (its notes come with the run's)
     total = sweep.planned_trials()
-    from automl.samplers import sampler_name
+    from automl.samplers import describe
 
-    picked = sampler_name(sweep.spec.method, sweep.space, objectives=len(sweep.spec.objectives), trials=total)
+    picked = describe(sweep.spec.method, sweep.space, objectives=len(sweep.spec.objectives), trials=total,
+                      concurrent=sweep.spec.budget.max_concurrent)
     console.print(f"[bold]{sweep.spec.name}[/bold]: {total} trials of [cyan]{sweep.spec.trainer}[/cyan], "
-                  f"method {sweep.spec.method} (Optuna {picked}), optimising {sweep.spec.metric_name} "
-                  f"({sweep.spec.direction})", highlight=False)
+                  f"method {sweep.spec.method}, optimising {sweep.spec.metric_name} ({sweep.spec.direction})",
+                  highlight=False)
+    console.print(f"search: {picked}", highlight=False, markup=False)
     for note in imported.notes:
         console.print(f"note: {note}", highlight=False, markup=False)
     with _Progress(total, sweep.spec.metric_name, sweep.spec.direction) as progress:
@@ -437,6 +439,10 @@ def validate(
         data["budget"]["trials"] = grid if resolved.method == "grid" else DEFAULT_TRIALS
     print(yaml.safe_dump(data, sort_keys=False).rstrip())
     print(f"# grid size: {grid}" if grid is not None else "# no grid: continuous parameters")
+    from automl.samplers import describe
+
+    print("# search: " + describe(resolved.method, space, objectives=len(resolved.objectives),
+                                  trials=data["budget"]["trials"], concurrent=resolved.budget.max_concurrent))
     if sample:
         import optuna
 

@@ -40,6 +40,32 @@ def sampler_name(method: str, space: SearchSpace, *, objectives: int = 1, trials
     }[method]
 
 
+# How each sampler proposes a trial while others are still running (the run header and `automl validate` say it):
+# a model-based sampler that ignored them would propose the same point again and again with trials in flight.
+PARALLEL_STRATEGY = {
+    "GPSampler": "pending trials in its acquisition (Optuna's qLogEI over the running trials)",
+    "TPESampler": "constant liar (running trials count among the bad ones)",
+    "CmaEsSampler": "one generation at a time (running trials are members of the current generation)",
+    "NSGAIISampler": "one generation at a time (running trials are members of the current generation)",
+    "RandomSampler": "independent draws (nothing to coordinate)",
+    "QMCSampler": "the next points of one low-discrepancy sequence",
+    "GridSampler": "each grid point once",
+}
+
+
+def describe(method: str, space: SearchSpace, *, objectives: int = 1, trials: int | None = None,
+             concurrent: int | None = None) -> str:
+    """One line for the run header and ``automl validate``: the sampler a method resolves to and, with trials in
+    flight, how it accounts for the ones still running (``concurrent`` None: as many as the cluster runs)."""
+    name = sampler_name(method, space, objectives=objectives, trials=trials)
+    if method == "grid" and space.is_conditional:
+        name = "BruteForceSampler"
+    if concurrent == 1:
+        return f"Optuna {name}, one trial at a time"
+    strategy = PARALLEL_STRATEGY.get(name, "each grid point once")
+    return f"Optuna {name}; with trials in flight, {strategy}"
+
+
 def check_method(method: str, space: SearchSpace, *, objectives: int = 1) -> None:
     """Refuse, before anything runs, a space that the method cannot honour (it would silently drop it)."""
     if method == "grid":

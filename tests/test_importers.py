@@ -523,8 +523,8 @@ def test_cli_run_takes_a_wandb_sweep(workdir: Path) -> None:
     result = CliRunner().invoke(app, ["run", "sweep.yaml", "--trainer", "toy_trainers:quadratic",
                                       "--max-concurrent", "1"])
     assert result.exit_code == 0, result.output
-    assert ("toy: 3 trials of toy_trainers:quadratic, method random (Optuna RandomSampler), "
-            "optimising score (maximize)") in result.output
+    assert "toy: 3 trials of toy_trainers:quadratic, method random, optimising score (maximize)" in result.output
+    assert "search: Optuna RandomSampler, one trial at a time" in result.output
     assert "note: program: ignored" in result.output
     assert "trials: 3 complete" in result.output
     assert (workdir / "mlflow.db").exists()
