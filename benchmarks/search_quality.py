@@ -144,6 +144,39 @@ def run_automl(name: str, seed: int, trials: int, q: int) -> tuple[float, str]:
     return study.best_value, type(sampler).__name__
 
 
+def evaluate(params: dict[str, Any], data: Any, report: Callable[[int, dict[str, float]], None]) -> None:
+    """automl trainer for ``--engine``: one function's value after ``seconds`` of (slept) training."""
+    params = dict(params)
+    name, seconds = params.pop("function"), params.pop("seconds")
+    time.sleep(seconds)
+    report(1, {"value": FUNCTIONS[name][1](params)})
+
+
+def run_engine(name: str, seed: int, trials: int, q: int, seconds: float) -> float:
+    """The same search through automl's own engine: its sweep loop, its journal and ``q`` trial threads of the
+    in-process executor (the worker code the Ray actors run), each trial taking ``seconds``."""
+    import tempfile
+    from pathlib import Path
+
+    from automl.engine import Engine
+    from automl.orchestrator import Sweep
+    from automl.testing import InProcessExecutor, MemoryRecorder
+
+    parameters, _, _ = FUNCTIONS[name]
+    spec = {"name": f"sq-{name}", "trainer": "search_quality:evaluate", "metric": {"name": "value", "goal": "minimize"},
+            "method": "bayesian", "seed": seed, "budget": {"trials": trials, "max_concurrent": q},
+            "fixed": {"function": name, "seconds": seconds}, "parameters": parameters}
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine(executor=InProcessExecutor(slots=q), recorder=MemoryRecorder(), workdir=Path(tmp))
+        try:
+            result = engine.run(Sweep.from_dict(spec, base_dir=_here(), workdir=Path(tmp)))
+        finally:
+            engine.shutdown()
+    if result.best is None or result.best.value is None:
+        raise RuntimeError(f"{name}: the engine's sweep found no best trial")
+    return float(result.best.value)
+
+
 def run_plain(name: str, seed: int, trials: int, kind: str) -> float:
     import optuna
 
@@ -169,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="seeds 1..N (default 5)")
     parser.add_argument("--trials", type=int, default=TRIALS)
     parser.add_argument("--json", help="write every run's result here")
+    parser.add_argument("--engine", type=float, metavar="SECONDS", default=None,
+                        help="also run bayesian at 2 and 4 in flight through automl's engine (in-process executor), "
+                             "each trial taking SECONDS")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     sys.path.insert(0, str(_here()))
@@ -176,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, Callable[[str, int], float]] = {}
     for q in CONCURRENCY:
         runners[f"automl bayesian @{q}"] = lambda f, s, q=q: run_automl(f, s, args.trials, q)[0]
+    if args.engine is not None:
+        for q in CONCURRENCY[1:]:
+            runners[f"engine @{q}"] = lambda f, s, q=q: run_engine(f, s, args.trials, q, args.engine)
     for kind, label in (("gp", "optuna GP"), ("tpe", "optuna TPE"), ("random", "random")):
         runners[label] = lambda f, s, kind=kind: run_plain(f, s, args.trials, kind)
 

@@ -260,3 +260,27 @@ def test_bad_input_is_refused_at_submit_before_anything_is_written(
     assert not (tmp_path / ".automl").exists()
     assert executor.launched == []
     assert recorder.logs == []
+
+
+def test_the_in_process_executor_never_starts_ray(tmp_path: Path, trainers: Path) -> None:
+    # automl.testing is for a plain Python process: asking Ray where a trial ran would start a whole local Ray.
+    import subprocess
+    import sys
+
+    script = f"""
+import ray
+from pathlib import Path
+from automl import Sweep
+from automl.engine import Engine
+from automl.testing import InProcessExecutor, MemoryRecorder
+spec = {{"name": "plain", "trainer": "engine_trainers:sleepy", "metric": {{"name": "score", "goal": "maximize"}},
+         "method": "random", "budget": {{"trials": 3, "max_concurrent": 2}}, "fixed": {{"epochs": 1, "sleep": 0}},
+         "parameters": {{"x": {{"type": "float", "low": 0, "high": 1}}}}}}
+engine = Engine(executor=InProcessExecutor(slots=2), recorder=MemoryRecorder(), workdir=Path({str(tmp_path)!r}))
+result = engine.run(Sweep.from_dict(spec, base_dir=Path({str(trainers)!r}), workdir=Path({str(tmp_path)!r})))
+engine.shutdown()
+print(len(result.trials), ray.is_initialized())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["3", "False"]

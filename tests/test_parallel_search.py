@@ -37,12 +37,17 @@ def _bowl(p: dict[str, Any]) -> float:
     return (p["a"] - 0.3) ** 2 + (p["b"] - 0.7) ** 2  # deterministic: the same point always scores the same
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_two_asks_with_a_trial_running_do_not_propose_the_same_point(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "storage"), [(0, "journal"), (1, "memory"), (2, "memory")])
+def test_two_asks_with_a_trial_running_do_not_propose_the_same_point(seed: int, storage: str,
+                                                                       tmp_path: Path) -> None:
+    from automl.journal import open_storage
+
     space = _space(FLOATS)
     sampler = make_sampler("bayesian", space, seed, trials=20)
     assert isinstance(sampler, optuna.samplers.GPSampler)
-    study = optuna.create_study(direction="minimize", sampler=sampler)
+    # The engine's own search state (a journal file) as well as Optuna's in-memory storage.
+    where = open_storage(tmp_path / "journal.log") if storage == "journal" else None
+    study = optuna.create_study(direction="minimize", sampler=sampler, storage=where)
     for _ in range(12):  # past the GP's 10 random start-up trials
         trial = study.ask()
         study.tell(trial, _bowl(space.suggest(trial)))
