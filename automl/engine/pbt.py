@@ -75,6 +75,7 @@ class Member:
     checkpoint: str | None = None  # file name in the checkpoint folder
     schedule: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (from step, mutable values)
     exploits: list[dict[str, Any]] = field(default_factory=list)
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, metric) as reported on its run
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -86,7 +87,8 @@ class Member:
         return cls(number=int(data["number"]), params=dict(data["params"]), state=MemberState(data["state"]),
                    step=int(data["step"]), score=data.get("score"), checkpoint=data.get("checkpoint"),
                    schedule=[(int(s), dict(v)) for s, v in data.get("schedule", [])],
-                   exploits=list(data.get("exploits", [])))
+                   exploits=list(data.get("exploits", [])),
+                   history=[(int(s), float(v)) for s, v in data.get("history", [])])
 
 
 # ---------------------------------------------------------------------------------------------- exploit / explore
@@ -288,6 +290,7 @@ class PbtCore(SweepCore):
                 continue
             if member.state == MemberState.TRAINING:
                 member.state = MemberState.READY  # cut short by the kill: it trains its segment again
+            member.history = [(s, v) for s, v in member.history if s <= member.step]  # past it: reported again
             self.trials[member.number] = trial
             self.records[member.number] = TrialRecord(number=member.number, params=dict(member.params),
                                                       epochs=member.step, metrics={})
@@ -366,6 +369,7 @@ class PbtCore(SweepCore):
         value = metrics.get(self.metric)
         if value is not None:
             record.value = value
+            self.members[number].history.append((step, value))
             if not math.isfinite(value):
                 self.ops.stop(number)  # diverged: recorded FAILED at its end
         hp = hp_metrics(self.members[number].params, self.mutable, self.space_params)

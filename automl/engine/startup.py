@@ -396,8 +396,11 @@ def _repair_trial_runs(run: SweepRun) -> None:
         if record.state == TrialState.RUNNING:
             # A PBT member that continues from its checkpoint: on its own run, reopened if a cancel closed it.
             run.log.trial_adopted(number, run_id)
-            if status != "RUNNING" and getattr(run.log, "client", None) is not None:
-                run.log.client.update_run(run_id, status="RUNNING")
+            if getattr(run.log, "client", None) is not None:
+                if status != "RUNNING":
+                    run.log.client.update_run(run_id, status="RUNNING")
+                logged = {m.step for m in run.log.client.get_metric_history(run_id, run.spec.metric_name)}
+                _relog_member(run, number, logged)
         elif status == "RUNNING":
             run.log.trial_adopted(number, run_id)
             _rewrite_trial(run, record, create=False)
@@ -407,8 +410,21 @@ def _repair_trial_runs(run: SweepRun) -> None:
         if record.state == TrialState.RUNNING:
             run.log.trial_started(number, {**record.params, **run.spec.fixed},
                                   {"automl.sampler": run.sampler_name, "automl.sweep_id": run.sweep_id})
+            _relog_member(run, number, set())
         else:
             _rewrite_trial(run, record, create=True)
+
+
+def _relog_member(run: SweepRun, number: int, logged: set[int]) -> None:
+    """A PBT member's metric up to its checkpoint that the killed writer never wrote: written again from the
+    population's state (its steps after the checkpoint are trained, and reported, again)."""
+    members = getattr(run.core, "members", {})
+    member = members.get(number)
+    if member is None:
+        return
+    for step, value in member.history:
+        if step not in logged:
+            run.log.trial_reported(number, step, {run.spec.metric_name: value})
 
 
 def _rewrite_trial(run: SweepRun, record: TrialRecord, *, create: bool) -> None:
