@@ -376,7 +376,8 @@ class Spec(_Model):
             if mutable:
                 raise FieldError(f"{mutable[0]}.mutable", "only method: pbt changes a parameter while a trial "
                                  "trains; remove mutable or use method: pbt")
-            if "pbt" in self.model_fields_set:
+            # A default section is what a resolved spec (automl validate, a sweep's saved spec) carries: accepted.
+            if "pbt" in self.model_fields_set and self.pbt != PbtSpec():
                 raise FieldError("pbt", f"is read only with method: pbt (method is {self.method}); remove the pbt "
                                  "section or set method: pbt")
             return

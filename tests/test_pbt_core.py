@@ -146,6 +146,9 @@ def test_what_pbt_cannot_honour_is_refused_in_one_line(change: dict[str, Any], m
     plain = pbt_spec(method="random", parameters={"lr": {"type": "float", "low": 0.01, "high": 1.0}})
     with pytest.raises(SpecError, match="pbt: is read only with method: pbt"):
         spec_from_dict(plain)
+    # A resolved spec (a sweep's saved spec, automl validate's output) carries the default section: accepted.
+    resolved = spec_from_dict({k: v for k, v in plain.items() if k != "pbt"}).model_dump(mode="json")
+    assert spec_from_dict(resolved).method == "random"
 
 
 # ---------------------------------------------------------------------------------------------- whole populations
