@@ -118,6 +118,11 @@ def test_a_round_is_decided_by_the_seed_and_the_scores_alone() -> None:
     assert [(p.member, p.source, p.after) for p in first] == [(p.member, p.source, p.after) for p in again]
     assert sorted(p.member for p in first) == [2, 5]  # the two worst
     assert {p.source for p in first} <= {1, 6}  # copied from the two best
+    # A member that diverged (NaN) ranks last: it copies a good member rather than being dropped.
+    members[1].score = float("nan")
+    diverged = plan_round(members, "maximize", spec, space, ["lr"], round_rng(3, 1))
+    assert 1 in {p.member for p in diverged}
+    members[1].score = 0.9
     for p in first:
         assert p.before == members[p.member].params
         assert p.step == 2

@@ -368,10 +368,11 @@ class PbtCore(SweepCore):
         record.epochs = max(record.epochs, step)
         value = metrics.get(self.metric)
         if value is not None:
+            # A member that diverged (NaN, inf) trains on to its boundary and ranks last there, so that it copies
+            # a good member (its mutable values made it diverge, not its configuration); in the last segment it
+            # ends FAILED, as any trial whose metric is not finite.
             record.value = value
             self.members[number].history.append((step, value))
-            if not math.isfinite(value):
-                self.ops.stop(number)  # diverged: recorded FAILED at its end
         hp = hp_metrics(self.members[number].params, self.mutable, self.space_params)
         self.hooks.trial_reported(record, step, {**metrics, **hp})
 
