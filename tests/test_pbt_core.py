@@ -229,3 +229,14 @@ def test_a_member_whose_worker_dies_restarts_its_segment_from_its_last_checkpoin
     assert record.epochs == 6
     again = [r for r in executor.launched if r.key == victim.key and r.segment == victim.segment]
     assert len(again) == 2  # the same segment, from the same checkpoint: not from scratch
+
+
+def test_the_json_schema_covers_pbt_and_mutable() -> None:
+    from automl.spec import Spec
+
+    schema = Spec.model_json_schema()
+    assert "pbt" in schema["properties"]["method"]["enum"]
+    assert set(schema["$defs"]["PbtSpec"]["properties"]) == {"population", "interval", "quantile",
+                                                             "resample_probability", "factors"}
+    for kind in ("FloatParam", "IntParam", "CategoricalParam"):
+        assert schema["$defs"][kind]["properties"]["mutable"]["default"] is False
