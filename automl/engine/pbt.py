@@ -192,8 +192,8 @@ def hp_metrics(params: dict[str, Any], mutable: list[str], space: dict[str, Para
 
 
 class CheckpointStore:
-    """The population's state and its members' last checkpoints, as files in ``folder`` (written atomically:
-    a kill at any moment leaves the previous file or the new one)."""
+    """The population's state and its members' last checkpoints, as files in ``folder`` (each replaced whole: a
+    kill at any moment leaves the previous file or the new one)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -228,12 +228,12 @@ class CheckpointStore:
                 path.unlink()
 
     def _write(self, name: str, data: bytes) -> None:
+        # Written whole, then renamed over the old file: a killed driver leaves one or the other. No fsync (as the
+        # search-state journal, automl.journal): what a killed process wrote, the operating system still holds;
+        # only a power cut could lose the last state, and the population then continues from the one before.
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp.write_bytes(data)
         os.replace(tmp, self.folder / name)
 
 
@@ -268,6 +268,9 @@ class PbtCore(SweepCore):
         self._ready: list[int] = []
         self._checkpoints: dict[int, bytes] = {}  # in memory too: no disk read to launch a segment
         self._seconds: dict[int, float] = {}
+        # Checkpoints no member needs any more, deleted once the state that no longer names them is saved: a kill
+        # in between never leaves population.json naming a deleted file.
+        self._garbage: list[str] = []
         if restored is not None:
             self._restore(restored, live_trials or {})
 
@@ -302,6 +305,11 @@ class PbtCore(SweepCore):
     def _save(self) -> None:
         self.store.save_state({"round": self.round, "interval": self.pbt.interval, "epochs": self.epochs,
                                "members": [self.members[n].as_json() for n in sorted(self.members)]})
+        named = {m.checkpoint for m in self.members.values()}
+        for name in self._garbage:
+            if name not in named:
+                self.store.drop(name)
+        self._garbage.clear()
 
     def boundary(self, round_number: int) -> int | None:
         """The step where round ``round_number``'s segments end (None: the last segment trains to the end)."""
@@ -408,10 +416,9 @@ class PbtCore(SweepCore):
         self._advance()
 
     def _paused(self, member: Member, record: TrialRecord, data: bytes, step: int) -> None:
-        old = member.checkpoint
+        if member.checkpoint is not None:
+            self._garbage.append(member.checkpoint)
         member.checkpoint = self.store.put(member.number, step, data)
-        if old != member.checkpoint:
-            self.store.drop(old)
         self._checkpoints[member.number] = data
         member.step = step
         member.score = record.value
@@ -419,7 +426,8 @@ class PbtCore(SweepCore):
         self._started_at.pop(member.number, None)
 
     def _drop_checkpoint(self, member: Member) -> None:
-        self.store.drop(member.checkpoint)
+        if member.checkpoint is not None:
+            self._garbage.append(member.checkpoint)
         member.checkpoint = None
         self._checkpoints.pop(member.number, None)
 
@@ -443,11 +451,11 @@ class PbtCore(SweepCore):
         member, source = self.members[plan.member], self.members[plan.source]
         assert source.checkpoint is not None  # every live member waits with its checkpoint
         data = self._checkpoints.get(source.number) or self.store.get(source.checkpoint)
-        old = member.checkpoint
-        # A copy of its own: each member's checkpoint is deleted when that member moves on.
+        if member.checkpoint is not None:
+            self._garbage.append(member.checkpoint)
+        # A copy of its own: each member's checkpoint is deleted when that member moves on. (Its own file of the
+        # same step is overwritten; a kill before the state is saved repeats the round's same decisions.)
         member.checkpoint = self.store.put(member.number, source.step, data)
-        if old != member.checkpoint:
-            self.store.drop(old)
         self._checkpoints[member.number] = data
         member.step, member.params, member.score = source.step, dict(plan.after), source.score
         member.schedule.append((source.step, self._mutable_values(plan.after)))
