@@ -26,7 +26,8 @@ Four methods, each with the same trainer, data and epochs per training, 2 traini
   a trial restored from a checkpoint does not start a new process).
 
 Per method and seed: the best validation loss (the best finished training's last ``val_loss``; for PBT the best
-member's), its ``val_accuracy``, the epochs trained, and the wall time of the whole method (automl's include MLflow
+member's), its ``val_accuracy``, the epochs trained, the exploits (PBT: automl's from ``pbt_lineage.json``, Ray
+Tune's the lines of its ``pbt_global.txt``), and the wall time of the whole method (automl's include MLflow
 logging and the best model's export to the state folder; Ray Tune's its own result files). The table gives the
 median over ``--seeds`` seeds (0, 1, 2). The order of the methods rotates with the seed.
 
@@ -71,6 +72,7 @@ class Run:
     wall_s: float = 0.0
     error: str | None = None
     schedule: list[Any] = field(default_factory=list)  # PBT: the best member's lr over steps
+    exploits: int | None = None  # PBT: exploit/explore steps taken
 
 
 @contextlib.contextmanager
@@ -125,6 +127,7 @@ def run_automl(method: str, seed: int, args: argparse.Namespace) -> Run:
             path = client.download_artifacts(result.parent_run_id, "pbt_lineage.json", str(workdir))
             lineage = json.loads(Path(path).read_text())
             run.schedule = [[step, values.get("lr")] for step, values in lineage["best_schedule"]]
+            run.exploits = sum(len(m["exploits"]) for m in lineage["members"].values())
         result.wait_for_summary(timeout=60)
     return run
 
@@ -187,6 +190,12 @@ def run_ray_tune(seed: int, args: argparse.Namespace) -> Run:
         run.best_accuracy = float(best.metrics["val_accuracy"])
         run.trainings = len(results)
         run.epochs = sum(int(r.metrics.get("training_iteration", 0)) for r in results)
+        # Ray Tune's PBT logs each exploit as a line of pbt_global.txt in the experiment's local folder.
+        name = Path(results.experiment_path).name
+        logs = list(storage.rglob("pbt_global.txt")) or list(
+            Path("/tmp/ray").glob(f"session_*/artifacts/*/{name}/pbt_global.txt"))
+        if logs:
+            run.exploits = sum(len(p.read_text().splitlines()) for p in logs)
     return run
 
 
@@ -195,19 +204,21 @@ def median(values: list[float]) -> float | None:
 
 
 def table(runs: list[Run]) -> str:
-    lines = ["| method | best val_loss (median) | its val_accuracy | epochs trained | trainings | wall s (median) "
-             "| per seed: val_loss |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | best val_loss (median) | its val_accuracy | epochs trained | trainings | exploits | "
+             "wall s (median) | per seed: val_loss |",
+             "|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
         mine = [r for r in runs if r.method == method and r.error is None and r.best_loss is not None]
         if not mine:
-            lines.append(f"| {method} | failed | | | | | |")
+            lines.append(f"| {method} | failed | | | | | | |")
             continue
         loss = median([r.best_loss for r in mine if r.best_loss is not None])
         acc = median([r.best_accuracy for r in mine if r.best_accuracy is not None])
         per_seed = ", ".join(f"{r.best_loss:.4f}" for r in sorted(mine, key=lambda r: r.seed) if r.best_loss)
+        exploits = [float(r.exploits) for r in mine if r.exploits is not None]
+        shown = f"{median(exploits):.0f}" if exploits else "-"
         lines.append(f"| {method} | {loss:.4f} | {acc:.4f} | {median([float(r.epochs) for r in mine]):.0f} | "
-                     f"{median([float(r.trainings) for r in mine]):.0f} | "
+                     f"{median([float(r.trainings) for r in mine]):.0f} | {shown} | "
                      f"{median([r.wall_s for r in mine]):.1f} | {per_seed} |")
     return "\n".join(lines)
 

@@ -151,11 +151,16 @@ def test_a_trainer_without_checkpoints_is_refused_by_validate(tmp_path: Path) ->
         "use mlp or cnn, or a trainer that sets checkpoints = True (see automl.trainer)"]
 
 
-def test_a_population_killed_with_sigkill_resumes_from_its_checkpoints(tmp_path: Path) -> None:
+def test_a_population_killed_with_sigkill_resumes_from_its_checkpoints(ray_session: None, tmp_path: Path) -> None:
+    import ray
+
     raw = pbt_spec("pbt-resume", fixed={"epochs": EPOCHS, "depth": 1, "width": 16, "optimizer": "sgd"},
                    tracking={})
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    # Both drivers join the test session's Ray (as on a cluster) rather than each starting one: the kill takes the
+    # driver, its MLflow writer and its workers (actors of its job), and the resume starts in seconds.
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     proc = subprocess.Popen([str(AUTOML), "run", "spec.yaml"], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
