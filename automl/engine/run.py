@@ -156,5 +156,4 @@ class RunHooks:
                 "automl.pbt.params": json.dumps(exploit["after"], default=str)[:5000]}
         self.run.log.trial_annotated(record.number, tags, [("exploits.json", json.dumps(history, indent=1,
                                                                                          default=str))])
-        self.run.note(f"pbt: member {record.number} copies member {exploit['source']} at step {exploit['step']}")
         self.run.on_event("exploited", record)
