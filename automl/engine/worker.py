@@ -96,6 +96,8 @@ class TrialRunner:
         try:
             import ray
 
+            if not ray.is_initialized():  # in-process (automl.testing): get_runtime_context() would start a Ray
+                return None, None, trainer.DEVICE_NOTE
             ctx = ray.get_runtime_context()
             return ctx.get_node_id(), [str(g) for g in ray.get_gpu_ids()], trainer.DEVICE_NOTE
         except Exception:
