@@ -186,6 +186,10 @@ class _Writer:
             elif kind == "report":
                 step, metrics, ts = payload
                 t.metrics.extend((k, v, ts, step) for k, v in metrics.items())
+            elif kind == "note":  # tags and artifacts on a running trial (a PBT exploit)
+                tags, artifacts = payload
+                t.tags.update(tags)
+                t.artifacts.extend((a[0], a[1]) for a in artifacts)
             else:
                 state, tags, artifacts, ts = payload
                 t.status = MLFLOW_STATUS.get(state, "FINISHED")

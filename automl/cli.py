@@ -437,6 +437,10 @@ def validate(
         grid = None
     if data["budget"]["trials"] is None:
         data["budget"]["trials"] = grid if resolved.method == "grid" else DEFAULT_TRIALS
+    if resolved.method == "pbt":
+        data["budget"]["trials"] = resolved.pbt.population
+    else:
+        data.pop("pbt", None)  # read only with method: pbt
     print(yaml.safe_dump(data, sort_keys=False).rstrip())
     print(f"# grid size: {grid}" if grid is not None else "# no grid: continuous parameters")
     from automl.samplers import describe
@@ -448,6 +452,14 @@ def validate(
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=resolved.seed))
+        if resolved.method == "pbt":
+            from automl.space import mutable_paths
+
+            pbt = resolved.pbt
+            names = ", ".join(p.rsplit(".", 1)[-1] for p in mutable_paths(resolved.parameters))
+            print(f"# pbt: {pbt.population} members; every {pbt.interval} steps the bottom {pbt.quantile:g} copy a "
+                  f"top member and perturb {names} (x{' or x'.join(f'{f:g}' for f in pbt.factors)}, resampled "
+                  f"with probability {pbt.resample_probability:g})")
         print(f"# {sample} example configurations (random, seed {resolved.seed}):")
         for _ in range(sample):
             trial = study.ask()

@@ -729,7 +729,9 @@ _KATIB_METHODS = {
 _KATIB_REFUSED = {
     "hyperband": "Katib's hyperband algorithm has no automl method; use --method random (or bayesian) and add "
                  "early_stopping: {method: hyperband} to the printed spec",
-    "pbt": "population based training has no automl equivalent (automl trials do not exchange weights)",
+    # Katib's pbt needs its own trial image saving checkpoints to a suggestion folder: nothing of it converts.
+    "pbt": "Katib's population based training does not convert (its trials save checkpoints their own way); write "
+           "method: pbt with a pbt: section and mutable: true on the parameters that may change (README)",
     "enas": "neural architecture search (enas) has no automl equivalent",
     "darts": "neural architecture search (darts) has no automl equivalent",
 }

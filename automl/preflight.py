@@ -52,7 +52,10 @@ def check_inputs(spec: Spec, base_dir: Path, *, imports: bool = True) -> list[st
     ``imports=False`` leaves out whether the packages the trainer imports are installed here: for trainers that
     run on machines with packages this one lacks (a Ray cluster's workers).
     """
-    notes = check_trainer(resolve_trainer(spec.trainer, base_dir), imports=imports)
+    ref = resolve_trainer(spec.trainer, base_dir)
+    notes = check_trainer(ref, imports=imports)
+    if spec.method == "pbt":
+        notes += check_checkpoints(ref, spec)
     if spec.data is not None:
         notes += check_data(spec.data, base_dir)
     return notes
@@ -195,6 +198,60 @@ def check_trainer(ref: TrainerRef, *, imports: bool = True) -> list[str]:
     close = difflib.get_close_matches(attr, sorted(scan.names), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise TrainerError(f"trainer '{ref.name}': module '{module_name}' has no attribute '{attr}'{hint}")
+
+
+def check_checkpoints(ref: TrainerRef, spec: Spec) -> list[str]:
+    """method: pbt needs a trainer that saves and restores checkpoints (``checkpoints = True``: automl.trainer),
+    and only parameters it lets change may be ``mutable``. A registered trainer (installed code) is imported to
+    read them; a ``module:function`` next to the spec is read from its source, never run."""
+    from automl.space import mutable_paths
+    from automl.trainer import mutable_parameters, supports_checkpoints
+
+    fix = "use mlp or cnn, or a trainer that sets checkpoints = True (see automl.trainer)"
+    module_name, _, attr = ref.target.partition(":")
+    if ref.name != ref.target:
+        obj = ref.load_object()
+        if not supports_checkpoints(obj):
+            raise TrainerError(f"trainer: '{ref.name}' cannot save and restore checkpoints, which method: pbt needs; "
+                               f"{fix}")
+        allowed = mutable_parameters(obj)
+        for path in mutable_paths(spec.parameters):
+            name = path.rsplit(".", 1)[-1]
+            if allowed is not None and name not in allowed:
+                raise TrainerError(f"{path}.mutable: '{name}' cannot change while trainer '{ref.name}' trains (it "
+                                   f"shapes the model or its optimizer); only {', '.join(sorted(allowed))} may "
+                                   "be mutable")
+        return []
+    base = Path(ref.search_path) if ref.search_path is not None else None
+    files = _local_files(module_name, base) if base is not None else []
+    if not files:
+        return [f"trainer '{ref.name}': whether it saves checkpoints (method: pbt) is checked when the sweep starts"]
+    tree = ast.parse(files[-1].read_bytes())
+    if not _declares_checkpoints(tree, attr):
+        raise TrainerError(f"trainer: '{ref.name}' does not declare checkpoints = True, which method: pbt needs; "
+                           f"{fix}")
+    return []
+
+
+def _declares_checkpoints(tree: ast.Module, attr: str) -> bool:
+    """``checkpoints = True`` in class ``attr``'s body, or ``attr.checkpoints = True`` at the module's top level."""
+    def is_true(node: ast.AST) -> bool:
+        return isinstance(node, ast.Constant) and node.value is True
+
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == attr:
+            for item in node.body:
+                targets = item.targets if isinstance(item, ast.Assign) else \
+                    [item.target] if isinstance(item, ast.AnnAssign) else []
+                value = getattr(item, "value", None)
+                if value is not None and is_true(value) and any(
+                        isinstance(t, ast.Name) and t.id == "checkpoints" for t in targets):
+                    return True
+        if isinstance(node, ast.Assign) and is_true(node.value) and any(
+                isinstance(t, ast.Attribute) and t.attr == "checkpoints" and isinstance(t.value, ast.Name)
+                and t.value.id == attr for t in node.targets):
+            return True
+    return False
 
 
 def find_module(name: str, search_path: str | None = None) -> ModuleSpec | None:

@@ -37,6 +37,7 @@ def sampler_name(method: str, space: SearchSpace, *, objectives: int = 1, trials
         "cmaes": "CmaEsSampler",
         "qmc": "QMCSampler",
         "nsga2": "NSGAIISampler",
+        "pbt": "RandomSampler",  # the initial population; exploit and explore do the rest (automl.engine.pbt)
     }[method]
 
 

@@ -133,6 +133,18 @@ class SearchSpace:
         return {name: _values(param, f"parameters.{name}") for name, param in self.parameters.items()}
 
 
+def mutable_paths(params: Mapping[str, Parameter], path: str = "parameters") -> list[str]:
+    """The field paths of parameters marked ``mutable`` (PBT may change them while training), in spec order."""
+    found: list[str] = []
+    for name, param in params.items():
+        if param.mutable:
+            found.append(f"{path}.{name}")
+        if isinstance(param, CategoricalParam):
+            for choice, branch in (param.when or {}).items():
+                found.extend(mutable_paths(branch, f"{path}.{name}.when.{choice}"))
+    return found
+
+
 def _walk(params: Mapping[str, Parameter]) -> Iterator[tuple[str, Parameter]]:
     for name, param in params.items():
         yield name, param

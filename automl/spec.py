@@ -37,7 +37,7 @@ MAX_TRIALS = 10_000_000  # budget.trials
 MAX_CONCURRENT = 10_000  # budget.max_concurrent: one Ray actor each
 MAX_EPOCHS = 1_000_000_000  # early_stopping.min_epochs (Hyperband takes logarithms of it)
 
-METHODS = ("grid", "random", "bayesian", "tpe", "gp", "cmaes", "qmc", "nsga2")
+METHODS = ("grid", "random", "bayesian", "tpe", "gp", "cmaes", "qmc", "nsga2", "pbt")
 EARLY_STOPPING = ("none", "asha", "hyperband", "median")
 
 # Metrics the spec may name without a goal: their goal is implied by the name.
@@ -75,6 +75,7 @@ class FloatParam(_Model):
     high: float
     log: bool = False
     step: float | None = None
+    mutable: bool = False  # method: pbt may change it while a member trains (explore)
 
     @model_validator(mode="after")
     def _check(self) -> FloatParam:
@@ -90,6 +91,7 @@ class IntParam(_Model):
     high: int
     log: bool = False
     step: int | None = None
+    mutable: bool = False  # method: pbt may change it while a member trains (explore)
 
     @model_validator(mode="after")
     def _check(self) -> IntParam:
@@ -112,6 +114,7 @@ class CategoricalParam(_Model):
     type: Literal["categorical"]
     choices: list[Scalar] = Field(min_length=1)
     when: dict[str, dict[str, Parameter]] | None = None
+    mutable: bool = False  # method: pbt may move it to a neighbouring choice while a member trains
 
     @field_validator("when", mode="before")
     @classmethod
@@ -249,6 +252,20 @@ class EarlyStoppingSpec(_Model):
         return {"method": value} if isinstance(value, str) else value
 
 
+class PbtSpec(_Model):
+    """Population-based training (``method: pbt``): ``population`` members train at once; every ``interval``
+    reported steps the bottom ``quantile`` copy the checkpoint of a random top-``quantile`` member (exploit) and
+    perturb its mutable parameters (explore): each is resampled with ``resample_probability``, else multiplied by
+    one of ``factors`` (categoricals: a neighbouring choice), and kept inside its bounds."""
+
+    population: int = Field(default=8, ge=2, le=10_000)
+    interval: int = Field(default=2, ge=1, le=MAX_EPOCHS)
+    quantile: float = Field(default=0.25, gt=0.0, le=0.5)
+    resample_probability: float = Field(default=0.25, ge=0.0, le=1.0)
+    factors: list[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]] = Field(default=[0.8, 1.2], min_length=1,
+                                                                               max_length=100)
+
+
 class ResourcesSpec(_Model):
     cpu: float = Field(default=1.0, gt=0)
     gpu: float = Field(default=0.0, ge=0)
@@ -290,7 +307,8 @@ class Spec(_Model):
         Annotated[MetricSpec, Tag("one")] | Annotated[list[MetricSpec], Tag("many")],
         Discriminator(lambda v: "many" if isinstance(v, list) else "one"),
     ]
-    method: Literal["grid", "random", "bayesian", "tpe", "gp", "cmaes", "qmc", "nsga2"] = "bayesian"
+    method: Literal["grid", "random", "bayesian", "tpe", "gp", "cmaes", "qmc", "nsga2", "pbt"] = "bayesian"
+    pbt: PbtSpec = PbtSpec()  # method: pbt only
     budget: BudgetSpec = BudgetSpec()
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
     resources: ResourcesSpec = ResourcesSpec()
@@ -346,7 +364,54 @@ class Spec(_Model):
         if len(objectives) > 1 and self.early_stopping.method != "none":
             raise FieldError("early_stopping", "needs a single metric to compare trials by; use early_stopping: none "
                              "with several metrics")
+        self._check_pbt(space)
         return self
+
+    def _check_pbt(self, space: Any) -> None:
+        """What population-based training cannot honour is refused here, before anything runs."""
+        from automl.space import mutable_paths
+
+        mutable = mutable_paths(self.parameters)
+        if self.method != "pbt":
+            if mutable:
+                raise FieldError(f"{mutable[0]}.mutable", "only method: pbt changes a parameter while a trial "
+                                 "trains; remove mutable or use method: pbt")
+            # A default section is what a resolved spec (automl validate, a sweep's saved spec) carries: accepted.
+            if "pbt" in self.model_fields_set and self.pbt != PbtSpec():
+                raise FieldError("pbt", f"is read only with method: pbt (method is {self.method}); remove the pbt "
+                                 "section or set method: pbt")
+            return
+        pbt = self.pbt
+        if len(self.objectives) > 1:
+            raise FieldError("metric", "method: pbt ranks members by one metric; give a single metric")
+        if self.budget.trials is not None and self.budget.trials != pbt.population:
+            raise FieldError("budget.trials", f"must equal pbt.population ({pbt.population}) with method: pbt (got "
+                             f"{self.budget.trials}); remove budget.trials or change pbt.population")
+        if not mutable:
+            raise FieldError("parameters", "method: pbt needs at least one parameter with mutable: true (e.g. lr), "
+                             "or it is a random search; mark the parameters that may change while training")
+        nested = [p for p in mutable if p.count(".when.")]
+        if nested:
+            raise FieldError(f"{nested[0]}.mutable", "a conditional (when:) parameter cannot change while training; "
+                             "make it a top-level parameter or remove mutable")
+        if self.early_stopping.method != "none":
+            raise FieldError("early_stopping", "method: pbt selects members itself (exploit); use "
+                             "early_stopping: none")
+        if self.data is not None and self.data.validation.folds:
+            raise FieldError("data.validation.folds", "method: pbt needs a checkpoint per member, which k-fold "
+                             "trials do not have; remove data.validation.folds")
+        if self.points_to_evaluate:
+            raise FieldError("points_to_evaluate", "method: pbt samples its population at random; remove "
+                             "points_to_evaluate")
+        if self.warm_start:
+            raise FieldError("warm_start", "method: pbt does not learn from earlier sweeps; remove warm_start")
+        epochs = self.fixed.get("epochs")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise FieldError("fixed", f"method: pbt needs fixed.epochs, the steps every member trains (e.g. fixed: "
+                             f"{{epochs: 20}}); got {_short(epochs)}")
+        if pbt.interval >= epochs:
+            raise FieldError("pbt.interval", f"must be less than fixed.epochs ({epochs}) so that members exploit at "
+                             f"least once (got {pbt.interval})")
 
     @property
     def objectives(self) -> list[MetricSpec]:

@@ -56,6 +56,9 @@ def log_plots(client: MlflowClient, run_id: str, study: optuna.Study, objectives
             "param_importances": lambda: vis.plot_param_importances(study, target_name=names[0]),
             "intermediate_values": lambda: vis.plot_intermediate_values(study),
         }
+        if not any(t.intermediate_values for t in complete):
+            # No trial reported to Optuna (method: pbt members): Optuna would only warn that there is nothing.
+            del drawings["intermediate_values"]
     else:
         drawings = {"pareto_front": lambda: vis.plot_pareto_front(study, target_names=names)}
     for name, draw in drawings.items():

@@ -73,7 +73,8 @@ class InProcessExecutor:
         threading.Thread(target=self._run, args=(request, attempt), name=f"trial-{request.key}", daemon=True).start()
 
     def _run(self, request: TrialRequest, attempt: int) -> None:
-        for batch in self.runner.run(request.key, request.trainer, request.params, request.data, request.seed):
+        for batch in self.runner.run(request.key, request.trainer, request.params, request.data, request.seed,
+                                     request.segment):
             with self._lock:
                 if self._running.get(request.key) != attempt:
                     return  # killed: what it still says is not heard
@@ -179,6 +180,11 @@ class MemorySweepLog:
         trial = self.trials.setdefault(number, self._new(number))
         trial["status"] = MLFLOW_STATUS.get(state, "FINISHED")
         trial["tags"].update(tags)
+
+    def trial_annotated(self, number: int, tags: dict[str, str], artifacts: Any = ()) -> None:
+        trial = self.trials.setdefault(number, self._new(number))
+        trial["tags"].update(tags)
+        trial.setdefault("artifacts", {}).update({name: text for name, text in artifacts})
 
     def run_id_of(self, number: int) -> str | None:
         trial = self.trials.get(number)

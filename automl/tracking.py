@@ -404,6 +404,12 @@ class SweepLog:
         if self.trials:
             self.recorder.send(["end", self.sid, number, [state, tags, [list(a) for a in artifacts], _now_ms()]])
 
+    def trial_annotated(self, number: int, tags: dict[str, str], artifacts: Iterable[tuple[str, str]] = ()) -> None:
+        """Tags and text artifacts on a running trial's run (a PBT exploit); an artifact of the same name is
+        replaced."""
+        if self.trials:
+            self.recorder.send(["note", self.sid, number, [tags, [list(a) for a in artifacts]]])
+
     def run_id_of(self, number: int) -> str | None:
         """The child run id of a trial (known after ``flush``)."""
         return self._run_ids.get(number)

@@ -10,6 +10,19 @@ This module is all that ``trainers/`` (and a user's own trainer) import from aut
 
 ``data`` is a ``Dataset`` (already split and preprocessed) or ``None`` when the spec has no ``data``. automl
 wraps the returned model with the preprocessing and label decoding, so the exported model takes raw rows.
+
+Checkpoints (optional; ``method: pbt`` needs them). A trainer that sets ``checkpoints = True`` (a class
+attribute, or an attribute of the function) promises two things when ``wants_checkpoints(report)``:
+
+- it starts from ``restored_checkpoint(report)`` when that is not None: the bytes one of its own reports gave,
+  holding whatever it needs to continue (weights, optimizer, the epoch, the schedule), with the *current*
+  ``params`` (a mutable hyperparameter may have changed since);
+- it passes ``checkpoint=`` to every ``report``: a function of no arguments returning those bytes, called only
+  when the sweep needs one (at a PBT interval boundary, after which ``report`` raises ``StopTrial``).
+
+The bytes are the trainer's own format; automl moves and stores them and never unpickles them (the built-in torch
+trainers write safetensors with a JSON header). ``mutable`` (optional) names the parameters that may change
+between two segments of one training; those that shape the model (depth, width) may not.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -33,6 +46,7 @@ from automl.metrics import evaluate
 
 __all__ = [
     "BUILTIN_TRAINERS",
+    "CheckpointReport",
     "Dataset",
     "Report",
     "SavableModel",
@@ -42,6 +56,9 @@ __all__ = [
     "device",
     "evaluate",
     "resolve_trainer",
+    "restored_checkpoint",
+    "supports_checkpoints",
+    "wants_checkpoints",
 ]
 
 ENTRY_POINT_GROUP = "automl.trainers"
@@ -68,6 +85,35 @@ class StopTrial(BaseException):
 
 class Report(Protocol):
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None: ...
+
+
+class CheckpointReport(Protocol):
+    """``report`` as a checkpointing trainer calls it when ``wants_checkpoints(report)`` (see the module doc)."""
+
+    def __call__(self, step: int, metrics: Mapping[str, float], *,
+                 checkpoint: Callable[[], bytes] | None = None) -> None: ...
+
+
+def wants_checkpoints(report: Any) -> bool:
+    """Whether this ``report`` takes ``checkpoint=`` (a PBT segment); a plain report does not."""
+    return getattr(report, "checkpoints", False) is True
+
+
+def restored_checkpoint(report: Any) -> bytes | None:
+    """The checkpoint this training continues from (a PBT segment after the first), or None: from scratch."""
+    data = getattr(report, "restored", None)
+    return bytes(data) if data is not None else None
+
+
+def supports_checkpoints(trainer: Any) -> bool:
+    """Whether a trainer (class or function) declares ``checkpoints = True``."""
+    return getattr(trainer, "checkpoints", False) is True
+
+
+def mutable_parameters(trainer: Any) -> frozenset[str] | None:
+    """The parameters a checkpointing trainer lets change between segments (None: it does not say)."""
+    names = getattr(trainer, "mutable", None)
+    return frozenset(names) if names is not None else None
 
 
 @dataclass(frozen=True)
@@ -138,6 +184,11 @@ class SavableModel(ABC):
 
 class Trainer(ABC):
     """A trainer as a class; a plain function ``train(params, data, report)`` is accepted too."""
+
+    # Optional: True when fit() honours restored_checkpoint(report) and reports checkpoint= (method: pbt).
+    checkpoints: ClassVar[bool] = False
+    # Optional: the parameters that may change between two segments of a training (None: not declared).
+    mutable: ClassVar[frozenset[str] | None] = None
 
     @abstractmethod
     def fit(self, params: dict[str, Any], data: Dataset | None, report: Report) -> Any: ...

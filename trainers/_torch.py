@@ -19,7 +19,15 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from automl.trainer import Dataset, Report, SavableModel, device
+from automl.trainer import (
+    CheckpointReport,
+    Dataset,
+    Report,
+    SavableModel,
+    device,
+    restored_checkpoint,
+    wants_checkpoints,
+)
 
 # The parameters every torch trainer takes, with their defaults (which keep the original mlp's behaviour).
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -42,6 +50,11 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "class_weight": None,   # None | balanced
     "patience": 0,          # stop after this many epochs without a lower val_loss, keep the best; 0 = off
 }
+# What may change between two segments of one training (method: pbt): training settings the loop reads each epoch
+# or writes into the optimizer. Not what shapes the network or the optimizer's state (depth, width, optimizer).
+MUTABLE = frozenset({"lr", "momentum", "weight_decay", "batch_size", "grad_clip", "l1", "l2", "label_smoothing",
+                     "dropout"})
+CHECKPOINT_FORMAT = "automl-torch-checkpoint/1"
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu", "leaky_relu", "elu")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("none", "step", "cosine", "plateau")
@@ -229,6 +242,14 @@ def train(net: Any, data: Dataset, p: dict[str, Any], report: Report, *,
     opt = make_optimizer(p, net.parameters())
     schedule = make_schedule(p, opt)
     plateau = isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    # method: pbt trains in segments: each continues from the checkpoint the last one (or its source) reported.
+    segments = wants_checkpoints(report)
+    first = 1
+    restored = restored_checkpoint(report) if segments else None
+    if restored is not None:
+        first = load_checkpoint(restored, net, opt, schedule, p, dev) + 1
+    if segments:
+        set_dropout(net, float(p.get("dropout", 0.0)))
     l1, l2, clip = float(p["l1"]), float(p["l2"]), float(p["grad_clip"])
     penalised = [w for w in net.parameters() if w.ndim > 1]  # weight matrices and kernels
     batch, epochs, patience = int(p["batch_size"]), int(p["epochs"]), int(p["patience"])
@@ -241,8 +262,8 @@ def train(net: Any, data: Dataset, p: dict[str, Any], report: Report, *,
     best_loss, best_epoch = float("inf"), 0
     best_metrics: dict[str, float] = {}
     best_state: dict[str, Any] | None = None
-    epoch = 0
-    for epoch in range(1, epochs + 1):
+    epoch = first - 1
+    for epoch in range(first, epochs + 1):
         net.train()
         order = torch.randperm(n).to(dev)
         total = 0.0
@@ -284,7 +305,14 @@ def train(net: Any, data: Dataset, p: dict[str, Any], report: Report, *,
                 best_loss, best_epoch, best_metrics = val_loss, epoch, metrics
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             metrics["best_epoch"] = float(best_epoch)
-        report(epoch, metrics)
+        if segments:
+            def save(epoch: int = epoch) -> bytes:
+                return save_checkpoint(net, opt, schedule, epoch)
+
+            checkpointing: CheckpointReport = report  # type: ignore[assignment]
+            checkpointing(epoch, metrics, checkpoint=save)
+        else:
+            report(epoch, metrics)
         if patience and epoch - best_epoch >= patience:
             break
     if best_state is not None:
@@ -293,6 +321,84 @@ def train(net: Any, data: Dataset, p: dict[str, Any], report: Report, *,
         net.load_state_dict(best_state)
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     return Fitted(state=state, y_mean=y_mean, y_std=y_std, best_epoch=best_epoch or epoch)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def set_dropout(net: Any, rate: float) -> None:
+    """A mutable dropout takes effect in the network's dropout layers (they hold no weights)."""
+    import torch
+
+    for module in net.modules():
+        if isinstance(module, (torch.nn.Dropout, torch.nn.Dropout2d)):
+            module.p = rate
+
+
+def save_checkpoint(net: Any, opt: Any, schedule: Any, epoch: int) -> bytes:
+    """Weights, optimizer state, scheduler state and the epoch as one safetensors blob: tensors as tensors, the
+    rest in a JSON header tensor (safetensors holds no Python objects, so loading runs no code)."""
+    import torch
+    from safetensors.torch import save
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    state = opt.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    schedule_state = None
+    if schedule is not None:
+        try:
+            schedule_state = json.loads(json.dumps(schedule.state_dict()))
+        except (TypeError, ValueError):  # a schedule holding objects JSON cannot: it restarts on restore
+            schedule_state = None
+    header = {"format": CHECKPOINT_FORMAT, "epoch": int(epoch), "param_groups": state["param_groups"],
+              "scalars": scalars, "schedule": schedule_state}
+    tensors["__header__"] = torch.frombuffer(bytearray(json.dumps(header).encode()), dtype=torch.uint8)
+    return bytes(save(tensors))
+
+
+def load_checkpoint(data: bytes, net: Any, opt: Any, schedule: Any, p: dict[str, Any], dev: Any) -> int:
+    """Restore what ``save_checkpoint`` wrote into ``net``, ``opt`` and ``schedule``, then apply the current
+    ``params`` (a mutable learning rate, momentum or weight decay may have changed since); returns its epoch."""
+    from safetensors.torch import load
+
+    tensors = load(data)
+    header = json.loads(bytes(tensors.pop("__header__").numpy()).decode())
+    if header.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"not a checkpoint of automl's torch trainers (format {header.get('format')!r})")
+    net.load_state_dict({k[len("model."):]: v.to(dev) for k, v in tensors.items() if k.startswith("model.")})
+    slots: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            slots.setdefault(int(index), {})[name] = value.to(dev) if value.ndim else value
+    for index, extra in header["scalars"].items():
+        slots.setdefault(int(index), {}).update(extra)
+    groups = header["param_groups"]
+    for group in groups:  # JSON turned Adam's betas tuple into a list
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    opt.load_state_dict({"state": slots, "param_groups": groups})
+    lr = float(p["lr"])
+    for group in opt.param_groups:
+        scale = 1.0
+        if schedule is not None and header["schedule"] is not None and "base_lrs" in header["schedule"]:
+            base = header["schedule"]["base_lrs"][0] or 1.0
+            scale = group["lr"] / base  # the schedule's progress so far, carried over to the new rate
+        group["lr"] = lr * scale
+        group["weight_decay"] = float(p["weight_decay"])
+        if "momentum" in group and p["optimizer"] in ("sgd", "rmsprop"):
+            group["momentum"] = float(p["momentum"])
+    if schedule is not None and header["schedule"] is not None:
+        schedule.load_state_dict(header["schedule"])
+        if hasattr(schedule, "base_lrs"):
+            schedule.base_lrs = [lr for _ in schedule.base_lrs]
+    return int(header["epoch"])
 
 
 def _penalty(weights: list[Any], l1: float, l2: float) -> Any:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from automl.trainer import Dataset, Report, Trainer
+from automl.trainer import Dataset, Report, Trainer, wants_checkpoints
 from trainers._torch import (
+    MUTABLE,
     TRAINING_DEFAULTS,
     TorchModel,
     check_batch_norm,
@@ -87,8 +88,10 @@ def _divisor_at_most(size: int, limit: int) -> int:
 
 
 def build_network(image_shape: list[int], n_out: int, channels: int, kernel_size: int, depth: int,
-                  pooling: str, activation: str, dropout: float, batch_norm: bool) -> Any:
-    """The network on flat rows ``(n, C*H*W)``; see the module docstring for its shape."""
+                  pooling: str, activation: str, dropout: float, batch_norm: bool, dropout_layers: bool = False
+                  ) -> Any:
+    """The network on flat rows ``(n, C*H*W)``; see the module docstring for its shape. ``dropout_layers`` keeps
+    the dropout layer at a rate of 0 (method: pbt: the rate may change while training)."""
     import torch.nn as nn
 
     from trainers._torch import activation as make_activation  # the parameter shadows the name
@@ -110,7 +113,7 @@ def build_network(image_shape: list[int], n_out: int, channels: int, kernel_size
     if (oh, ow) != (h, w):
         layers.append(nn.AvgPool2d((h // oh, w // ow)))
     layers.append(nn.Flatten())
-    if dropout > 0:
+    if dropout > 0 or dropout_layers:
         layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(c * oh * ow, n_out))
     return nn.Sequential(*layers)
@@ -167,7 +170,10 @@ def make_augment(shape: tuple[int, int, int], shift: int, flip: bool) -> Any:
 
 
 class CNNTrainer(Trainer):
-    """Trains a small CNN with minibatch gradient descent; one report per epoch."""
+    """Trains a small CNN with minibatch gradient descent; one report per epoch; checkpoints for method: pbt."""
+
+    checkpoints = True
+    mutable = MUTABLE
 
     def warmup(self) -> None:
         import torch
@@ -185,6 +191,8 @@ class CNNTrainer(Trainer):
         config = {"image_shape": list(shape), "n_out": output_size(data), "channels": p["channels"],
                   "kernel_size": p["kernel_size"], "depth": p["depth"], "pooling": p["pooling"],
                   "activation": p["activation"], "dropout": float(p["dropout"]), "batch_norm": p["batch_norm"]}
+        if wants_checkpoints(report):
+            config["dropout_layers"] = True
         augment = make_augment(shape, p["augment_shift"], p["augment_flip"])
         fitted = train(build_network(**config), data, p, report, augment=augment, eval_rows=EVAL_ROWS)
         return CNNModel(config, fitted.state, task=data.task, y_mean=fitted.y_mean, y_std=fitted.y_std)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from automl.trainer import Dataset, Report, Trainer
+from automl.trainer import Dataset, Report, Trainer, wants_checkpoints
 from trainers._torch import (
     ACTIVATIONS,
+    MUTABLE,
     OPTIMIZERS,
     TRAINING_DEFAULTS,
     TorchModel,
@@ -50,8 +51,11 @@ def _check(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_network(n_in: int, n_out: int, depth: int, width: int, activation: str, dropout: float,
-                  batch_norm: bool = False) -> Any:
-    """Linear -> [BatchNorm1d] -> activation -> [Dropout], ``depth`` times, then a linear output layer."""
+                  batch_norm: bool = False, dropout_layers: bool = False) -> Any:
+    """Linear -> [BatchNorm1d] -> activation -> [Dropout], ``depth`` times, then a linear output layer.
+
+    ``dropout_layers`` keeps the dropout layers even at a rate of 0 (method: pbt, where the rate may change
+    while training and every member's checkpoint must fit every other member's network)."""
     import torch.nn as nn
 
     from trainers._torch import activation as make_activation  # the parameter shadows the name
@@ -63,7 +67,7 @@ def build_network(n_in: int, n_out: int, depth: int, width: int, activation: str
         if batch_norm:
             layers.append(nn.BatchNorm1d(width))
         layers.append(make_activation(activation))
-        if dropout > 0:
+        if dropout > 0 or dropout_layers:
             layers.append(nn.Dropout(dropout))
         size = width
     layers.append(nn.Linear(size, n_out))
@@ -71,7 +75,10 @@ def build_network(n_in: int, n_out: int, depth: int, width: int, activation: str
 
 
 class MLPTrainer(Trainer):
-    """Trains an MLP with minibatch gradient descent; one report per epoch."""
+    """Trains an MLP with minibatch gradient descent; one report per epoch; checkpoints for method: pbt."""
+
+    checkpoints = True
+    mutable = MUTABLE
 
     @classmethod
     def search_space(cls, task: str, n_rows: int) -> dict[str, Any] | None:
@@ -102,6 +109,8 @@ class MLPTrainer(Trainer):
         config = {"n_in": data.n_features, "n_out": output_size(data), "depth": int(p["depth"]),
                   "width": int(p["width"]), "activation": p["activation"], "dropout": float(p["dropout"]),
                   "batch_norm": bool(p["batch_norm"])}
+        if wants_checkpoints(report):
+            config["dropout_layers"] = True
         fitted = train(build_network(**config), data, p, report)
         return MLPModel(config, fitted.state, task=data.task, y_mean=fitted.y_mean, y_std=fitted.y_std)
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import optuna
 
     from automl.bundle import PackedModel
-    from automl.engine.executor import TrialEnd
+    from automl.engine.executor import Segment, TrialEnd
     from automl.space import SearchSpace
     from automl.spec import Spec
 
@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 class SweepOps(Protocol):
     """What the core asks of the executor, by trial number (the engine adds the sweep id)."""
 
-    def launch(self, number: int, params: dict[str, Any], seed: int) -> None: ...
+    def launch(self, number: int, params: dict[str, Any], seed: int, segment: Segment | None = None) -> None:
+        """Start trial ``number``; ``segment``: one stretch of a PBT member's training (automl.engine.pbt)."""
+        ...
 
     def stop(self, number: int) -> None: ...
 

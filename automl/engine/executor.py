@@ -34,6 +34,16 @@ class TrialRequest:
     seed: int
     data: Any  # what ``Executor.put_data`` returned for this sweep (None: the spec has no data)
     shape: Shape
+    segment: Segment | None = None  # method: pbt: one stretch of a member's training
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One stretch of a PBT member's training: from ``checkpoint`` (None: from scratch) until the report of step
+    ``until``, where the trainer's checkpoint is taken and the trial ends PAUSED (None: to the end of training)."""
+
+    checkpoint: bytes | None = None
+    until: int | None = None
 
 
 @dataclass
@@ -55,7 +65,7 @@ class Report:
 @dataclass
 class TrialEnd:
     key: TrialKey
-    state: str  # COMPLETE | STOPPED | FAILED
+    state: str  # COMPLETE | STOPPED | FAILED | PAUSED (a PBT segment reached its end: ``checkpoint`` holds it)
     seconds: float = 0.0  # time inside the trainer: the trial's own compute
     error: str | None = None
     traceback: str | None = None
@@ -65,6 +75,8 @@ class TrialEnd:
     node: str | None = None  # the Ray node that ran it
     gpus: list[str] | None = field(default=None)  # the GPU ids Ray assigned (fractional GPUs share an id)
     device_note: str | None = None  # set when a GPU was assigned but the trial fell back to the CPU
+    checkpoint: bytes | None = None  # PAUSED: the trainer's checkpoint at ``step``
+    step: int | None = None
 
 
 Event = Started | Report | TrialEnd

@@ -61,6 +61,13 @@ def finish_sweep(run: SweepRun) -> SweepResult:
                      "automl.best_params": json.dumps(best.params, default=str)[:5000]})
         if mlflow:
             run.model_uri = _log_best_model(run, tags)
+    lineage = getattr(core, "lineage", None)
+    if callable(lineage):  # method: pbt
+        if mlflow:
+            run.log.client.log_text(run.log.parent_run_id, json.dumps(lineage(), indent=1, default=str),
+                                    "pbt_lineage.json")
+        if status == "FINISHED":
+            core.finished()  # type: ignore[attr-defined]
     if mlflow:
         _log_summary(run)
         # The plots follow the result (draw_plots): about a second of matplotlib that nothing needs to wait for.
@@ -159,6 +166,11 @@ def draw_plots(run: SweepRun) -> None:
         return
     with _PLOTS:
         log_plots(run.log.client, run.log.parent_run_id, core.study, _objectives(run))
+        lineage = getattr(core, "lineage", None)
+        if callable(lineage):
+            from automl.engine.pbt_plots import log_schedules
+
+            log_schedules(run.log.client, run.log.parent_run_id, lineage())
 
 
 def _objectives(run: SweepRun) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from automl.engine.executor import Shape, TrialRequest
+from automl.engine.executor import Segment, Shape, TrialRequest
 from automl.engine.records import SweepResult, TrialKey, TrialRecord
 
 if TYPE_CHECKING:
@@ -89,10 +89,10 @@ class RunOps:
         self.engine = engine
         self.run = run
 
-    def launch(self, number: int, params: dict[str, Any], seed: int) -> None:
+    def launch(self, number: int, params: dict[str, Any], seed: int, segment: Segment | None = None) -> None:
         run = self.run
         self.engine.executor.launch(TrialRequest(key=run.key(number), trainer=run.plan.trainer, params=params,
-                                                 seed=seed, data=run.data_handle, shape=run.shape))
+                                                 seed=seed, data=run.data_handle, shape=run.shape, segment=segment))
 
     def stop(self, number: int) -> None:
         self.engine.executor.stop(self.run.key(number))
@@ -143,3 +143,17 @@ class RunHooks:
 
     def note(self, text: str) -> None:
         self.run.note(text)
+
+    def member_exploited(self, record: TrialRecord, exploit: dict[str, Any], history: list[dict[str, Any]]
+                         ) -> None:
+        """method: pbt: the exploit on the member's run: a tag per exploit (source, step, values before and
+        after) and ``exploits.json`` with them all (MLflow params cannot change, so the new values are tags)."""
+        import json
+
+        index = len(history)
+        tags = {f"automl.pbt.exploit.{index:03d}": json.dumps(exploit, default=str)[:5000],
+                "automl.pbt.exploits": str(index), "automl.pbt.source": str(exploit["source"]),
+                "automl.pbt.params": json.dumps(exploit["after"], default=str)[:5000]}
+        self.run.log.trial_annotated(record.number, tags, [("exploits.json", json.dumps(history, indent=1,
+                                                                                         default=str))])
+        self.run.on_event("exploited", record)

@@ -68,14 +68,38 @@ def start_sweep(engine: Engine, run: SweepRun) -> None:
     study = _open_study(engine, run, planned)
     run.data_handle = engine.data_cache.handle(plan, run.prepared, engine.executor)
     _open_record(engine, run, planned, concurrency)
-    records, best = _restore(run, study) if run.resume is not None else ({}, None)
-    run.core = SweepCore(
+    pbt = spec.method == "pbt"
+    live: dict[int, Any] = {}
+    records, best = _restore(run, study, live if pbt else None) if run.resume is not None else ({}, None)
+    common: dict[str, Any] = dict(
         sweep_id=run.sweep_id, spec=spec, space=plan.space, study=study, ops=RunOps(engine, run),
         hooks=RunHooks(run), planned=planned, concurrency=requested or concurrency, capacity=capacity or None,
         records=records, best=best, offset=run.warm_start, sampler_name=run.sampler_name,
     )
+    if pbt:
+        run.core = _pbt_core(run, study, live, common)
+    else:
+        run.core = SweepCore(**common)
     if run.resume is not None:
         _repair_trial_runs(run)  # MLflow made to agree with the journal before new trials start
+
+
+def _pbt_core(run: SweepRun, study: optuna.Study, live: dict[int, Any], common: dict[str, Any]) -> Any:
+    """method: pbt: the population's decisions, continued from its state folder when resuming."""
+    from optuna.trial import TrialState as OptunaState
+
+    from automl.engine.pbt import CheckpointStore, PbtCore
+
+    assert run.folder is not None
+    store = CheckpointStore(run.folder / "pbt")
+    restored = store.load_state() if run.resume is not None else None
+    core = PbtCore(store=store, restored=restored, live_trials=live, **common)
+    for number, trial in live.items():
+        if number not in core.trials:  # asked for, but the kill came before the population's state said so
+            trial.set_user_attr("automl", {"state": "KILLED", "interrupted": True,
+                                           "error": "the sweep's driver was killed"})
+            study.tell(trial, state=OptunaState.FAIL)
+    return core
 
 
 def _fill(future: Future[Any], fn: Any, *args: Any) -> None:
@@ -241,13 +265,17 @@ def _now_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
 
-def _restore(run: SweepRun, study: optuna.Study) -> tuple[dict[int, TrialRecord], TrialRecord | None]:
+def _restore(run: SweepRun, study: optuna.Study, live: dict[int, Any] | None = None
+             ) -> tuple[dict[int, TrialRecord], TrialRecord | None]:
     """Rebuild the records of an interrupted sweep from its Optuna journal.
 
     Finished trials become records again (kept, never re-run). A trial the driver's death left RUNNING is marked
     FAIL and its configuration queued to run again; a trial queued that way and not yet started (WAITING) simply
     runs next. Warm-start trials (the first ``run.warm_start``) seeded the sampler and are not the sweep's.
+    With ``live`` (method: pbt) a RUNNING trial is a member that continues from its checkpoint: its Optuna trial
+    goes into ``live`` by number, open.
     """
+    import optuna
     from optuna.trial import TrialState as OptunaState
 
     from automl.state import find_best_bundle
@@ -262,6 +290,9 @@ def _restore(run: SweepRun, study: optuna.Study) -> tuple[dict[int, TrialRecord]
         if t.number < run.warm_start:
             continue
         info = t.user_attrs.get("automl", {})
+        if t.state == OptunaState.RUNNING and live is not None:
+            live[t.number - run.warm_start] = optuna.trial.Trial(study, t._trial_id)
+            continue
         if t.state == OptunaState.RUNNING:
             storage.set_trial_user_attr(t._trial_id, "automl", {"state": "KILLED", "interrupted": True,
                                                                 "error": "the sweep's driver was killed"})
@@ -362,12 +393,38 @@ def _repair_trial_runs(run: SweepRun) -> None:
                 run.log.kill_run(run_id, "the sweep's driver was killed; the trial runs again")
             continue
         record.run_id = run_id
-        if status == "RUNNING":
+        if record.state == TrialState.RUNNING:
+            # A PBT member that continues from its checkpoint: on its own run, reopened if a cancel closed it.
+            run.log.trial_adopted(number, run_id)
+            if getattr(run.log, "client", None) is not None:
+                if status != "RUNNING":
+                    run.log.client.update_run(run_id, status="RUNNING")
+                logged = {m.step for m in run.log.client.get_metric_history(run_id, run.spec.metric_name)}
+                _relog_member(run, number, logged)
+        elif status == "RUNNING":
             run.log.trial_adopted(number, run_id)
             _rewrite_trial(run, record, create=False)
     for number, record in records.items():
-        if number not in runs:
+        if number in runs:
+            continue
+        if record.state == TrialState.RUNNING:
+            run.log.trial_started(number, {**record.params, **run.spec.fixed},
+                                  {"automl.sampler": run.sampler_name, "automl.sweep_id": run.sweep_id})
+            _relog_member(run, number, set())
+        else:
             _rewrite_trial(run, record, create=True)
+
+
+def _relog_member(run: SweepRun, number: int, logged: set[int]) -> None:
+    """A PBT member's metric up to its checkpoint that the killed writer never wrote: written again from the
+    population's state (its steps after the checkpoint are trained, and reported, again)."""
+    members = getattr(run.core, "members", {})
+    member = members.get(number)
+    if member is None:
+        return
+    for step, value in member.history:
+        if step not in logged:
+            run.log.trial_reported(number, step, {run.spec.metric_name: value})
 
 
 def _rewrite_trial(run: SweepRun, record: TrialRecord, *, create: bool) -> None:
@@ -477,6 +534,8 @@ class DataCache:
 
 
 def planned_trials(spec: Any, space: Any) -> int:
+    if spec.method == "pbt":
+        return int(spec.pbt.population)  # budget.trials may only repeat it (automl.spec)
     if spec.method == "grid":
         size = space.grid_size()
         return int(min(size, spec.budget.trials) if spec.budget.trials else size)

@@ -22,13 +22,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from automl.engine.executor import Event, Report, Started, TrialEnd
+from automl.engine.executor import Event, Report, Segment, Started, TrialEnd
 from automl.engine.records import TrialKey
 
 if TYPE_CHECKING:
     from automl.trainer import TrainerRef
 
-COMPLETE, STOPPED, FAILED = "COMPLETE", "STOPPED", "FAILED"
+COMPLETE, STOPPED, FAILED, PAUSED = "COMPLETE", "STOPPED", "FAILED", "PAUSED"
 
 
 def _seed_everything(seed: int) -> None:
@@ -106,10 +106,11 @@ class TrialRunner:
     def stop(self, key: TrialKey) -> None:
         self._stop.add(key)
 
-    def run(self, key: TrialKey, trainer: TrainerRef, params: dict[str, Any], data: Any, seed: int
-            ) -> Iterator[list[Event]]:
+    def run(self, key: TrialKey, trainer: TrainerRef, params: dict[str, Any], data: Any, seed: int,
+            segment: Segment | None = None) -> Iterator[list[Event]]:
         """Generator of lists of events: ``Started`` first, then ``Report``s, the last list ending with the
-        trial's ``TrialEnd``."""
+        trial's ``TrialEnd``. With a ``segment`` (method: pbt) the trainer starts from its checkpoint and the trial
+        ends PAUSED, with the trainer's checkpoint, at the report of step ``segment.until``."""
         from automl import trainer as contract
         from automl.bundle import pack_model
         from automl.trainer import StopTrial
@@ -124,11 +125,13 @@ class TrialRunner:
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         stop = self._stop
 
-        def report(step: int, metrics: Any) -> None:
+        def plain(step: int, metrics: Any) -> None:
             clean = {str(k): float(v) for k, v in dict(metrics).items()}
             events.put(Report(key, int(step), clean))  # the epoch was trained: record it, stop or not
             if key in stop:
                 raise StopTrial
+
+        report: Any = plain if segment is None else SegmentReport(plain, segment)
 
         def target() -> None:
             start = time.perf_counter()
@@ -150,6 +153,8 @@ class TrialRunner:
                         end.model_note = f"{type(model).__name__} has no safe save format; not exportable"
                 except Exception as exc:
                     end.model_note = f"saving the model failed: {exc!r}"
+            except SegmentDone as done:
+                end = TrialEnd(key, PAUSED, time.perf_counter() - start, checkpoint=done.checkpoint, step=done.step)
             except StopTrial:
                 end = TrialEnd(key, STOPPED, time.perf_counter() - start)
             except BaseException as exc:
@@ -177,6 +182,39 @@ class TrialRunner:
             if isinstance(batch[-1], TrialEnd):
                 stop.discard(key)
                 return
+
+
+class SegmentDone(BaseException):
+    """A PBT segment reached its last step: the trainer is stopped there (as by ``StopTrial``: a trainer's
+    ``except Exception`` does not catch it) and its checkpoint goes back to the driver."""
+
+    def __init__(self, step: int, checkpoint: bytes) -> None:
+        super().__init__(step)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class SegmentReport:
+    """``report`` for one PBT segment: what ``automl.trainer.wants_checkpoints`` and ``restored_checkpoint``
+    read, and the cut at ``segment.until``."""
+
+    checkpoints = True
+
+    def __init__(self, plain: Callable[[int, Any], None], segment: Segment) -> None:
+        self._plain = plain
+        self._until = segment.until
+        self.restored = segment.checkpoint
+
+    def __call__(self, step: int, metrics: Any, checkpoint: Callable[[], bytes] | None = None) -> None:
+        self._plain(step, metrics)  # a stop request (StopTrial) wins over the segment's end
+        if self._until is not None and int(step) >= self._until:
+            if checkpoint is None:
+                raise RuntimeError("the trainer reported without checkpoint=, which method: pbt needs at every "
+                                   "report (see automl.trainer)")
+            data = checkpoint()
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise TypeError(f"checkpoint() must return bytes (got {type(data).__name__})")
+            raise SegmentDone(int(step), bytes(data))
 
 
 def _module_file(trainer: TrainerRef) -> Path | None:

@@ -404,6 +404,8 @@ class SweepManager:
         elif kind == "reported":
             self._event(sweep_id, "trial_reported", {"number": record.number, "step": record.epochs,
                                                      "metrics": dict(record.metrics)})
+        elif kind == "exploited":  # method: pbt: the member copied another and took new values
+            self._event(sweep_id, "trial_exploited", {"number": record.number, "params": dict(record.params)})
         elif kind == "finished":
             live.running.discard(record.number)
             state = str(record.state)
