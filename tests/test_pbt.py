@@ -161,6 +161,9 @@ def test_a_population_killed_with_sigkill_resumes_from_its_checkpoints(ray_sessi
     # Both drivers join the test session's Ray (as on a cluster) rather than each starting one: the kill takes the
     # driver, its MLflow writer and its workers (actors of its job), and the resume starts in seconds.
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    import automl.engine
+
+    automl.engine.release_idle_workers()  # this process's warm workers would hold the CPUs the drivers need
     proc = subprocess.Popen([str(AUTOML), "run", "spec.yaml"], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
