@@ -73,7 +73,8 @@ class InProcessExecutor:
         threading.Thread(target=self._run, args=(request, attempt), name=f"trial-{request.key}", daemon=True).start()
 
     def _run(self, request: TrialRequest, attempt: int) -> None:
-        for batch in self.runner.run(request.key, request.trainer, request.params, request.data, request.seed):
+        for batch in self.runner.run(request.key, request.trainer, request.params, request.data, request.seed,
+                                       request.predictions):
             with self._lock:
                 if self._running.get(request.key) != attempt:
                     return  # killed: what it still says is not heard

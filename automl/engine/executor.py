@@ -34,6 +34,8 @@ class TrialRequest:
     seed: int
     data: Any  # what ``Executor.put_data`` returned for this sweep (None: the spec has no data)
     shape: Shape
+    # Send back the model's validation (k-fold: out-of-fold) predictions, for ensemble selection (final_model).
+    predictions: bool = False
 
 
 @dataclass
@@ -61,6 +63,7 @@ class TrialEnd:
     traceback: str | None = None
     model: PackedModel | None = None
     model_note: str | None = None
+    predictions: Any = None  # numpy array, when the request asked for them (automl.ensemble.validation_predictions)
     worker_died: bool = False  # the worker process died under the trial (it may be retried)
     node: str | None = None  # the Ray node that ran it
     gpus: list[str] | None = field(default=None)  # the GPU ids Ray assigned (fractional GPUs share an id)

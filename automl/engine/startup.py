@@ -74,8 +74,40 @@ def start_sweep(engine: Engine, run: SweepRun) -> None:
         hooks=RunHooks(run), planned=planned, concurrency=requested or concurrency, capacity=capacity or None,
         records=records, best=best, offset=run.warm_start, sampler_name=run.sampler_name,
     )
+    _set_deadline(run)
     if run.resume is not None:
         _repair_trial_runs(run)  # MLflow made to agree with the journal before new trials start
+
+
+# Of budget.time, the share kept for the finishing step when it refits (final_model.refit): the refits and the
+# logging of the model; at least FINISH_MIN_SECONDS.
+FINISH_SHARE = 0.15
+FINISH_MIN_SECONDS = 4.0
+# The least share of budget.time the trials get, whatever the start-up took.
+MIN_SEARCH_SHARE = 0.25
+
+
+def _set_deadline(run: SweepRun) -> None:
+    """The trials' deadline: ``budget.time`` from now, or the plan's wall-clock deadline (the CLI's --time,
+    start-up included), less the finishing step's share when the sweep refits its final model.
+
+    ``run.deadline`` keeps the wall-clock end of the whole run, which the finishing step's refits respect."""
+    core, spec = run.core, run.spec
+    assert core is not None
+    budget = spec.budget.time
+    if budget is None or run.resume is not None:
+        return
+    end = run.plan.deadline if run.plan.deadline is not None else time.time() + budget
+    run.deadline = end
+    reserve = max(FINISH_MIN_SECONDS, FINISH_SHARE * budget) if spec.final_model.refit else 0.0
+    # A start-up that took most of the budget (a cold Ray on a busy machine: 5 to 15 s) still leaves the trials
+    # MIN_SEARCH_SHARE of it: a run that returns on time with no model in it helps nobody.
+    now = time.time()
+    trials_end = max(end - reserve, now + MIN_SEARCH_SHARE * budget)
+    if trials_end > end - reserve:
+        run.note(f"start-up took {budget - (end - now):.0f}s of the {budget:.0f}s budget; the trials get "
+                 f"{trials_end - now:.0f}s, so the run ends about {trials_end - (end - reserve):.0f}s late")
+    core.deadline = core.clock() + (trials_end - time.time())
 
 
 def _fill(future: Future[Any], fn: Any, *args: Any) -> None:
@@ -99,10 +131,9 @@ def after_start(run: SweepRun) -> None:
     run.state.experiment_id = run.log.experiment_id
     run.state.parent_run_id = run.log.parent_run_id
     run.state.save(run.folder.parent)
-    _prewarm_finish(run)
 
 
-def _prewarm_finish(run: SweepRun) -> None:
+def prewarm_finish(run: SweepRun) -> None:
     """While the trials run, what the finishing step will need and a cold process lacks: MLflow imported and the
     store opened in this process (the driver's own client, for the best model and the summary), matplotlib and
     Optuna's plots imported. Otherwise a CLI's first sweep pays them (3-5 s on 2 cores) after its last trial."""
