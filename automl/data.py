@@ -464,9 +464,10 @@ def screen_columns(X: pd.DataFrame) -> tuple[list[str], list[str]]:
       (free text: a comment, a description);
     - an integer column whose values are all distinct and consecutive, none missing, in more than
       ``ROW_NUMBER_MIN_ROWS`` rows (a row number such as 1..891: it tells where the row is in the file, not what
-      it is), or all distinct under a name that says it is an identifier (``ID_NAME``: id, passenger_id, key).
+      it is), or all distinct under a name that says it is an identifier (``ID_WORDS``: id, passenger_id, key).
     A kept text column of more than ``MAX_CATEGORIES`` values is noted as capped.
     """
+    import pandas as pd
 
     rows = len(X)
     dropped: list[str] = []
@@ -475,7 +476,7 @@ def screen_columns(X: pd.DataFrame) -> tuple[list[str], list[str]]:
     for column in X.columns:
         values = X[column]
         if _is_number(values):
-            if _whole_numbers(values) and rows > ROW_NUMBER_MIN_ROWS and not values.isna().any():
+            if pd.api.types.is_integer_dtype(values) and rows > ROW_NUMBER_MIN_ROWS and not values.isna().any():
                 low, high = int(values.min()), int(values.max())
                 if values.nunique() == rows and high - low + 1 == rows:
                     dropped.append(column)
@@ -514,15 +515,6 @@ def _named_as_id(name: str) -> bool:
         return True
     words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower())
     return bool(words) and words[-1] in ID_WORDS
-
-
-def _whole_numbers(values: pd.Series) -> bool:
-    import pandas as pd
-
-    if pd.api.types.is_integer_dtype(values):
-        return True
-    present = values.dropna()
-    return bool(pd.api.types.is_float_dtype(values) and len(present) and (present == present.round()).all())
 
 
 def _mean_words(values: pd.Series) -> float:

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 # Seconds kept, after the refits, for logging and registering the model and closing the record.
 LOGGING_SECONDS = 3.0
+# The finishing step's time kept at least, whatever the refit is expected to take.
+FINISH_MIN_SECONDS = 4.0
+# An ensemble's refits, in refits of the best trial: room for a few members.
+ENSEMBLE_REFITS = 2.5
 # Refit time granted even when the budget is already spent.
 MIN_REFIT_SECONDS = 2.0
 # A refit sees all rows where a fold saw (k-1)/k of them, and trees and nets grow a little with the rows.
@@ -72,6 +76,13 @@ class FinalModel:
         if self.single_held_out is not None and self.ensemble_held_out is not None:
             text += f" [best single {self.single_held_out:.4f}, ensemble {self.ensemble_held_out:.4f}]"
         return text
+
+
+def finish_seconds(best: TrialRecord | None, folds: int, *, ensemble: bool) -> float:
+    """What the finishing step is expected to take: logging, and the refit of ``best`` (of a few ensemble members,
+    ``ENSEMBLE_REFITS`` times that, when the sweep may build one)."""
+    refit = 0.0 if best is None else REFIT_SLOWDOWN * best.seconds / max(folds, 1)
+    return max(FINISH_MIN_SECONDS, LOGGING_SECONDS + refit * (ENSEMBLE_REFITS if ensemble else 1.0))
 
 
 def scorer(metric: str, goal: str, task: str, n_classes: int) -> Callable[[np.ndarray, np.ndarray], float] | None:

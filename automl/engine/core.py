@@ -130,6 +130,12 @@ class SweepCore:
         # Validation (k-fold: out-of-fold) predictions of completed trials, when the spec builds an ensemble
         # (final_model.ensemble): the candidates of automl.final_model. Only the best are kept (``_keep_predictions``).
         self.predictions: dict[int, Any] = {}
+        # With a finishing step that refits (final_model.refit), the trials end early enough for it: at
+        # ``finish_by`` (this core's clock) less the refit of the best trial so far (``finish_seconds``), never
+        # before ``finish_floor``. Set by the engine's start-up; None: the deadline is budget.time's alone.
+        self.finish_by: float | None = None
+        self.finish_floor: float | None = None
+        self.finish_seconds: Callable[[TrialRecord | None], float] | None = None
 
     # ------------------------------------------------------------------------------------------ budget
 
@@ -180,6 +186,7 @@ class SweepCore:
             self.requested = max_concurrent
         if time is not None:
             self.deadline = self.started + time
+            self.finish_by = None  # the user's new time is the trials' own
             self._timed_out = False
         return self.budget()
 
@@ -363,9 +370,18 @@ class SweepCore:
                 self.hooks.note(f"trial {number}: {end.device_note}")
         if new_best:
             self.best = record
+            self.plan_finish()
             tags["automl.best_so_far"] = "true"
             self.hooks.best_told(record)
         self.hooks.trial_finished(record, tags, artifacts)
+
+    def plan_finish(self) -> None:
+        """Move the trials' deadline so that the finishing step (its refit of the best so far) ends by
+        ``finish_by``."""
+        if self.finish_by is None or self.finish_seconds is None or self._timed_out:
+            return
+        deadline = self.finish_by - self.finish_seconds(self.best)
+        self.deadline = max(deadline, self.finish_floor) if self.finish_floor is not None else deadline
 
     def _keep_predictions(self) -> None:
         """Bound the memory held for ensemble candidates: past twice ``KEPT_PREDICTIONS``, keep the best that many

@@ -79,17 +79,15 @@ def start_sweep(engine: Engine, run: SweepRun) -> None:
         _repair_trial_runs(run)  # MLflow made to agree with the journal before new trials start
 
 
-# Of budget.time, the share kept for the finishing step when it refits (final_model.refit): the refits and the
-# logging of the model; at least FINISH_MIN_SECONDS.
-FINISH_SHARE = 0.15
-FINISH_MIN_SECONDS = 4.0
 # The least share of budget.time the trials get, whatever the start-up took.
 MIN_SEARCH_SHARE = 0.25
 
 
 def _set_deadline(run: SweepRun) -> None:
-    """The trials' deadline: ``budget.time`` from now, or the plan's wall-clock deadline (the CLI's --time,
-    start-up included), less the finishing step's share when the sweep refits its final model.
+    """The trials' deadline: ``budget.time`` from now, or from the plan's wall-clock deadline (the CLI's --time,
+    start-up included). A sweep that refits its final model stops its trials early enough for the refit of its
+    best trial so far and the logging (``automl.final_model.finish_seconds``), but gives them at least
+    ``MIN_SEARCH_SHARE`` of the budget whatever the start-up took.
 
     ``run.deadline`` keeps the wall-clock end of the whole run, which the finishing step's refits respect."""
     core, spec = run.core, run.spec
@@ -97,17 +95,25 @@ def _set_deadline(run: SweepRun) -> None:
     budget = spec.budget.time
     if budget is None or run.resume is not None:
         return
-    end = run.plan.deadline if run.plan.deadline is not None else time.time() + budget
-    run.deadline = end
-    reserve = max(FINISH_MIN_SECONDS, FINISH_SHARE * budget) if spec.final_model.refit else 0.0
-    # A start-up that took most of the budget (a cold Ray on a busy machine: 5 to 15 s) still leaves the trials
-    # MIN_SEARCH_SHARE of it: a run that returns on time with no model in it helps nobody.
     now = time.time()
-    trials_end = max(end - reserve, now + MIN_SEARCH_SHARE * budget)
-    if trials_end > end - reserve:
+    end = run.plan.deadline if run.plan.deadline is not None else now + budget
+    run.deadline = end
+    to_clock = core.clock() - now  # wall-clock time -> the core's clock
+    if not spec.final_model.refit:
+        core.deadline = end + to_clock
+        return
+    from automl.final_model import finish_seconds
+
+    folds = spec.data.validation.folds if spec.data is not None else None
+    core.finish_by = end + to_clock
+    core.finish_floor = now + MIN_SEARCH_SHARE * budget + to_clock
+    core.finish_seconds = lambda best: finish_seconds(best, folds or 1, ensemble=spec.final_model.ensemble)
+    core.plan_finish()
+    trials_end = core.deadline if core.deadline is not None else core.finish_floor
+    late = trials_end - to_clock + finish_seconds(None, 1, ensemble=False) - end
+    if trials_end <= core.finish_floor and late > 0:
         run.note(f"start-up took {budget - (end - now):.0f}s of the {budget:.0f}s budget; the trials get "
-                 f"{trials_end - now:.0f}s, so the run ends about {trials_end - (end - reserve):.0f}s late")
-    core.deadline = core.clock() + (trials_end - time.time())
+                 f"{MIN_SEARCH_SHARE * budget:.0f}s, so the run ends about {late:.0f}s late")
 
 
 def _fill(future: Future[Any], fn: Any, *args: Any) -> None:
