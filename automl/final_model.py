@@ -41,9 +41,13 @@ log = logging.getLogger(__name__)
 LOGGING_SECONDS = 3.0
 # The finishing step's time kept at least, whatever the refit is expected to take.
 FINISH_MIN_SECONDS = 4.0
-# An ensemble's refits, in refits of the best trial: room for a few members.
-ENSEMBLE_REFITS = 2.5
-# Refit time granted even when the budget is already spent.
+# An ensemble's refits, in refits of the best trial: room for a member or two besides the best (more are dropped
+# if they do not fit in what is left: automl.final_model._within_time).
+ENSEMBLE_REFITS = 1.5
+# Refit time granted even when the budget is already spent (a slow start-up, a trial that overran its estimate):
+# this share of budget.time, at least MIN_REFIT_SECONDS. The run may end that much late; the alternative, the best
+# trial's model trained on part of the rows, is worse on every row the user will ever predict.
+MIN_REFIT_SHARE = 0.1
 MIN_REFIT_SECONDS = 2.0
 # A refit sees all rows where a fold saw (k-1)/k of them, and trees and nets grow a little with the rows.
 REFIT_SLOWDOWN = 1.5
@@ -142,7 +146,8 @@ def build(run: SweepRun, deadline: float | None, note: Callable[[str], None] = p
             if choice.ensemble:
                 chosen = sorted(((r, float(w)) for r, w in zip(candidates, choice.weights, strict=True) if w > 0),
                                 key=lambda rw: -rw[1])
-    chosen = _within_time(chosen, len(folds), deadline, notes)
+    chosen = _within_time(chosen, len(folds), deadline, notes,
+                          floor=max(MIN_REFIT_SECONDS, MIN_REFIT_SHARE * (spec.budget.time or 0.0)))
     if not chosen:
         for text in notes:
             note(text)
@@ -182,14 +187,14 @@ def _candidates(core: Any, rows: int) -> list[TrialRecord]:
     return picked if picked and picked[0].number == core.best.number else []
 
 
-def _within_time(chosen: list[tuple[TrialRecord, float]], folds: int, deadline: float | None, notes: list[str]
-                 ) -> list[tuple[TrialRecord, float]]:
+def _within_time(chosen: list[tuple[TrialRecord, float]], folds: int, deadline: float | None, notes: list[str], *,
+                 floor: float = 0.0) -> list[tuple[TrialRecord, float]]:
     """The members whose refits fit before ``deadline`` (heaviest weights first); all of them without one."""
     if deadline is None:
         return chosen
     # A start-up that overran the budget (a cold Ray on a busy machine) still leaves the refit a moment: the
     # best configuration refit on every row is the model the user asked for.
-    left = max(deadline - time.time() - LOGGING_SECONDS, MIN_REFIT_SECONDS)
+    left = max(deadline - time.time() - LOGGING_SECONDS, floor)
     kept: list[tuple[TrialRecord, float]] = []
     spent = 0.0
     for record, weight in chosen:

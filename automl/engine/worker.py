@@ -225,10 +225,15 @@ def forget_other_copy(trainer: TrainerRef, *, edited: bool = False) -> None:
 def _held_out_predictions(model: Any, data: Any) -> Any:
     """The model's predictions on the validation rows, or None for a model that cannot give them (a user's trainer
     returning None or an object without predict_proba): such a trial is simply no ensemble candidate."""
+    import warnings
+
     from automl.ensemble import validation_predictions
 
     try:
-        return validation_predictions(model, data)
+        with warnings.catch_warnings():
+            # The folds come read-only from Ray's object store; torch warns on wrapping them, and only reads them.
+            warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+            return validation_predictions(model, data)
     except Exception:
         return None
 
