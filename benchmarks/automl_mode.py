@@ -27,7 +27,9 @@ For each table:
    (``random_state=0``) and ``LogisticRegression(max_iter=1000)`` or ``Ridge()``.
 
 Scores: accuracy (classification) or R² (regression) on the test rows. AutoML's own estimate (its held-out
-out-of-fold score, automl.final_model) is printed beside its test score.
+out-of-fold score, automl.final_model) is printed beside its test score. The ± beside each difference is its paired
+bootstrap standard error over the test rows (1000 resamples, both models scored on the same resample): a difference
+within about 2 SE is what the sampling of a few hundred test rows explains, not a better model.
 """
 
 from __future__ import annotations
@@ -246,8 +248,10 @@ def run_automl(folder: Path, name: str, task: str, budget: str, test: Any) -> di
     members = json.loads(parent.data.tags.get("automl.final.members", "[]"))
     model = load_model(best.model_uri, tracking_uri=result.tracking_uri)  # each table has its own store
     X_test, y_test = test.drop(columns=["target"]), test["target"].to_numpy()
+    pred = np.asarray(model.predict(X_test))
+    PREDICTIONS["automl"] = pred
     return {"val": best.value, "held_out": parent.data.metrics.get(f"final.held_out_{spec.metric_name}"),
-            "test": score(task, y_test, np.asarray(model.predict(X_test))),
+            "test": score(task, y_test, pred),
             "model": best.params.get("model"), "final": final,
             "members": [f"{m['model']}:{m['weight']:.2f}" for m in members], "trials": len(result.trials),
             "folds": spec.data.validation.folds if spec.data else None, "wall_s": wall}
@@ -262,7 +266,8 @@ def run_flaml(task: str, seconds: float, work: Any, test: Any) -> dict[str, Any]
     automl.fit(X_train=work.drop(columns=["target"]), y_train=work["target"], task=task, time_budget=seconds,
                metric="accuracy" if task == "classification" else "r2", n_jobs=CONCURRENCY, seed=SEED, verbose=0)
     wall = time.time() - start
-    pred = automl.predict(test.drop(columns=["target"]))
+    pred = np.asarray(automl.predict(test.drop(columns=["target"])))
+    PREDICTIONS["flaml"] = pred
     return {"test": score(task, test["target"].to_numpy(), np.asarray(pred)), "model": automl.best_estimator,
             "wall_s": wall}
 
@@ -283,7 +288,27 @@ def run_defaults(folder: Path, name: str, task: str, test: Any) -> dict[str, Any
         if task == "classification":  # class indices -> the original labels
             pred = np.asarray(data.classes, dtype=object)[pred]
         out[label] = score(task, test["target"].to_numpy(), pred)
+        PREDICTIONS[label] = pred
     return out
+
+
+# Test predictions of the table being run, by tool (and default), for the paired bootstrap.
+PREDICTIONS: dict[str, Any] = {}
+BOOTSTRAP = 1000
+
+
+def bootstrap_se(task: str, y: Any, a: Any, b: Any) -> float:
+    """The standard error of score(a) - score(b) over test rows resampled with replacement (paired: the same
+    resample for both), i.e. how much of a difference the test rows' own sampling explains."""
+    import numpy as np
+
+    rng = np.random.default_rng(SEED)
+    y, a, b = np.asarray(y), np.asarray(a), np.asarray(b)
+    diffs = []
+    for _ in range(BOOTSTRAP):
+        idx = rng.integers(0, len(y), len(y))
+        diffs.append(score(task, y[idx], a[idx]) - score(task, y[idx], b[idx]))
+    return float(np.std(diffs))
 
 
 def run_table(name: str, budget: str, root: Path, tools: set[str]) -> dict[str, Any]:
@@ -307,6 +332,13 @@ def run_table(name: str, budget: str, root: Path, tools: set[str]) -> dict[str, 
     if "flaml" in tools:
         out["flaml"] = run_flaml(task, float(parse_duration(budget) or 0), work, test)
     out["defaults"] = run_defaults(folder, name, task, test)
+    if "automl" in out:
+        y = test["target"].to_numpy()
+        best_default = max(out["defaults"], key=out["defaults"].get)
+        rivals = {"flaml": "flaml", "default": best_default} if "flaml" in out else {"default": best_default}
+        out["se_vs"] = {who: bootstrap_se(task, y, PREDICTIONS["automl"], PREDICTIONS[key])
+                        for who, key in rivals.items()}
+    PREDICTIONS.clear()
     return out
 
 
@@ -315,8 +347,9 @@ def run_table(name: str, budget: str, root: Path, tools: set[str]) -> dict[str, 
 
 def table(results: list[dict[str, Any]], budget: str) -> str:
     lines = [f"| table (rows, task) | metric | AutoML test (--time {budget}) | FLAML test | best default test | "
-             "AutoML's estimate | AutoML's final model (trials) | FLAML's model | defaults: HGB, RF, linear |",
-             "|---|---|---:|---:|---:|---:|---|---|---|"]
+             "AutoML - FLAML (± SE) | AutoML - best default (± SE) | AutoML's estimate | "
+             "AutoML's final model (trials, validation) | FLAML's model | defaults: HGB, RF, linear |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for r in results:
         d = r["defaults"]
         best = max(d.items(), key=lambda kv: kv[1])
@@ -331,10 +364,13 @@ def table(results: list[dict[str, Any]], budget: str) -> str:
             scheme = f"{a['folds']}-fold" if a["folds"] else "20% split"
             final = f"{kind} ({a['trials']}, {scheme})"
         f_test = f"{f['test']:.4f}" if f else "-"
+        se = r.get("se_vs", {})
+        vs_flaml = f"{a['test'] - f['test']:+.4f} ± {se['flaml']:.4f}" if a and f and "flaml" in se else "-"
+        vs_default = f"{a['test'] - best[1]:+.4f} ± {se['default']:.4f}" if a and "default" in se else "-"
         lines.append(
             f"| {r['table']} ({r['rows']}, {r['task'][:5]}.) | {r['metric']} | {a_test} | {f_test} | "
-            f"{best[1]:.4f} ({best[0]}) | {estimate} | {final} | {f['model'] if f else '-'} | "
-            f"{', '.join(f'{v:.4f}' for v in d.values())} |"
+            f"{best[1]:.4f} ({best[0]}) | {vs_flaml} | {vs_default} | {estimate} | {final} | "
+            f"{f['model'] if f else '-'} | {', '.join(f'{v:.4f}' for v in d.values())} |"
         )
     return "\n".join(lines)
 
@@ -347,7 +383,10 @@ def verdict(results: list[dict[str, Any]]) -> str:
             continue
         rivals = {"FLAML": r["flaml"]["test"]} if r.get("flaml") else {}
         rivals["the best default"] = max(r["defaults"].values())
-        behind = [f"{who} by {v - a['test']:.4f}" for who, v in rivals.items() if a["test"] < v]
+        se = r.get("se_vs", {})
+        ses = {"FLAML": se.get("flaml"), "the best default": se.get("default")}
+        behind = [f"{who} by {v - a['test']:.4f}" + (f" ({(v - a['test']) / ses[who]:.1f} SE)" if ses[who] else "")
+                  for who, v in rivals.items() if a["test"] < v]
         if behind:
             lost.append(f"{r['table']} ({', '.join(behind)})")
     return ("AutoML's test score is at least FLAML's and the best default's on every table." if not lost else
