@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # Optuna's matplotlib plots go through pyplot, whose global state two finishing sweeps must not share at once.
 _PLOTS = threading.Lock()
-_IMPORTS = threading.Lock()  # sys.path and sys.modules are the process's: one finishing step changes them at a time
+_IMPORTS = threading.Lock()
+# What the summary plots take, at most, on a busy 2-core machine: a sweep with less than that left of its budget.time
+# (a wall-clock deadline) skips them.
+PLOT_SECONDS = 3.0  # sys.path and sys.modules are the process's: one finishing step changes them at a time
 
 
 def finish_sweep(run: SweepRun) -> SweepResult:
@@ -68,6 +71,13 @@ def finish_sweep(run: SweepRun) -> SweepResult:
         # The plots follow the result (draw_plots): about a second of matplotlib that nothing needs to wait for.
         # Only at the sweep's real end: a cancelled or failed sweep is resumed (and plotted) later.
         run.plots_due = status == "FINISHED"
+        deadline = run.plan.deadline  # the whole command's (AutoML mode's --time); not a spec's budget.time
+        if run.plots_due and deadline is not None and time.time() > deadline - PLOT_SECONDS:
+            # A process waits for its plots before it exits: past budget.time (which counts the whole command),
+            # a few seconds of matplotlib on a busy machine would make it later still. The leaderboard and the
+            # summary are logged; the plots are what `optuna-dashboard` or the MLflow UI's charts show anyway.
+            run.plots_due = False
+            tags["automl.plots"] = "skipped: budget.time spent"
     run.state.extra.update(best_model_uri=run.model_uri)
     try:
         sweep_log.finish(status, params=params, metrics=metrics, tags=tags)
