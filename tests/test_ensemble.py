@@ -136,3 +136,16 @@ def test_free_text_and_named_ids_are_left_out_with_a_readable_reason() -> None:
     assert dropped == ["PassengerId", "comment"]
     assert "identifier" in notes[0]
     assert "free text" in notes[1]
+
+
+def test_an_ensemble_without_refit_is_refused_with_the_field_path() -> None:
+    from automl.errors import SpecError
+    from automl.spec import spec_from_dict
+
+    raw = {"trainer": "ridge", "data": {"source": "sklearn:diabetes"}, "metric": "val_r2",
+           "parameters": {"alpha": {"type": "float", "low": 0.1, "high": 10.0}}}
+    assert spec_from_dict({**raw, "final_model": {"refit": True, "ensemble": True}}).final_model.ensemble
+    with pytest.raises(SpecError, match=r"final_model\.ensemble: .*refit: true"):
+        spec_from_dict({**raw, "final_model": {"ensemble": True}})
+    with pytest.raises(SpecError, match=r"final_model: .*data"):
+        spec_from_dict({**{k: v for k, v in raw.items() if k != "data"}, "final_model": {"refit": True}})
