@@ -5,6 +5,11 @@ space (``Trainer.search_space``: built-in and plug-in trainers alike), and joins
 ``model`` parameter: a trial first picks a model, then that model's parameters (``<model>__<param>``, as in
 scikit-learn pipelines). Each model's library defaults are tried first (``points_to_evaluate``), so the search
 starts from what a user would get without tuning and can only improve on it.
+
+What generalises to new rows: a small table (``SMALL_TABLE_ROWS``) is scored by ``CV_FOLDS``-fold cross-validation
+(``validation_rule``), and ``final_model: {refit: true, ensemble: true}`` makes the logged model the best trial, or a
+greedy ensemble of the best trials, refit on every row (automl.final_model). The CLI prints these rules, and
+automl.data's column rule, in the run header.
 """
 
 from __future__ import annotations
