@@ -146,8 +146,11 @@ def build(run: SweepRun, deadline: float | None, note: Callable[[str], None] = p
             if choice.ensemble:
                 chosen = sorted(((r, float(w)) for r, w in zip(candidates, choice.weights, strict=True) if w > 0),
                                 key=lambda rw: -rw[1])
+    selected = len(chosen)
     chosen = _within_time(chosen, len(folds), deadline, notes,
                           floor=max(MIN_REFIT_SECONDS, MIN_REFIT_SHARE * (spec.budget.time or 0.0)))
+    if len(chosen) < selected:
+        held_out = None  # the estimate was of the ensemble selected, not of what is left of it
     if not chosen:
         for text in notes:
             note(text)
