@@ -105,9 +105,17 @@ def test_an_ensemble_bundle_round_trips_through_safe_formats(tmp_path: Path) -> 
     assert packed is not None
     assert packed.loader == "ensemble"
     write_bundle(tmp_path / "b", packed, None, info={})
-    loaded = ModelBundle(tmp_path / "b").model
+    bundle = ModelBundle(tmp_path / "b")
+    loaded = bundle.model
     assert isinstance(loaded, EnsembleModel)
     np.testing.assert_allclose(loaded.predict_proba(X), expected)
+    # ONNX and TorchScript hold one network: an ensemble is refused in one line (the CLI's exit 2)
+    from automl.errors import ExportError
+    from automl.portable import torch_network
+
+    with pytest.raises(ExportError, match=r"^--format onnx holds one network; the best model is an ensemble of 2 "
+                                          r"models \(a, b\); use --format mlflow$"):
+        torch_network(bundle, "onnx")
 
 
 def test_the_small_table_rule_cross_validates_small_tables_only(tmp_path: Path) -> None:

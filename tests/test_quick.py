@@ -174,9 +174,6 @@ def test_automl_mode_refits_an_ensemble_within_its_time_and_serves_it(tmp_path: 
     np.testing.assert_allclose(pd.read_csv(tmp_path / "pred.csv")["prediction"], predicted, rtol=1e-5)
     assert served(store, "models:/table-automl@champion", rows, tmp_path) == pytest.approx(predicted.tolist(),
                                                                                              rel=1e-5)
-    # a format that holds one network says so in one line
-    assert_one_line_error(cli("export", "table-automl", "--format", "onnx", "--out", "x", cwd=tmp_path),
-                          "ensemble", "--format mlflow")
 
 
 def served(store: str, model_uri: str, rows: pd.DataFrame, tmp_path: Path) -> list[float]:
