@@ -37,6 +37,10 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PREPROCESSOR = "preprocessor.skops"
 SKOPS_LOADER = "skops"
+# An ``automl.ensemble.EnsembleModel``: model/ensemble.json (weights, each member's loader) and one folder per member
+# (model/member0/, ...), each holding what that member's own format wrote and loaded with the same checks.
+ENSEMBLE_LOADER = "ensemble"
+ENSEMBLE_FILE = "ensemble.json"
 # The types a preprocessor.skops or model.skops file may hold besides those skops trusts by default (primitives,
 # containers, numpy arrays and ufuncs, scikit-learn's public estimators): exactly the ones skops.io.get_untrusted_types
 # reports for the files automl writes, i.e. the preprocessors of automl.data (make_preprocessor, including a
@@ -84,6 +88,10 @@ def pack_model(model: Any) -> PackedModel | None:
     """Serialise what a trainer returned; ``None`` when it has no safe format (it is then not exportable)."""
     if model is None:
         return None
+    from automl.ensemble import EnsembleModel
+
+    if isinstance(model, EnsembleModel):
+        return _pack_ensemble(model)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
         if isinstance(model, SavableModel):
@@ -98,6 +106,42 @@ def pack_model(model: Any) -> PackedModel | None:
             return None
         files = {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
     return PackedModel(loader=loader, files=files)
+
+
+def _pack_ensemble(model: Any) -> PackedModel | None:
+    files: dict[str, bytes] = {}
+    members = []
+    for i, member in enumerate(model.members):
+        packed = pack_model(member)
+        if packed is None or packed.loader == ENSEMBLE_LOADER:
+            return None  # a member without a safe format (or a nested ensemble): the ensemble has none either
+        members.append({"loader": packed.loader, "name": model.names[i]})
+        files.update({f"member{i}/{name}": blob for name, blob in packed.files.items()})
+    description = {"task": model.task, "n_classes": model.n_classes, "weights": [float(w) for w in model.weights],
+                   "members": members}
+    files[ENSEMBLE_FILE] = json.dumps(description, indent=2).encode()
+    return PackedModel(loader=ENSEMBLE_LOADER, files=files)
+
+
+def _load_ensemble(model_dir: Path, trusted_modules: Iterable[str]) -> Any:
+    from automl.ensemble import EnsembleModel
+
+    file = model_dir / ENSEMBLE_FILE
+    try:
+        description = json.loads(file.read_text())
+        weights = [float(w) for w in description["weights"]]
+        members = list(description["members"])
+        task, n_classes = str(description["task"]), int(description["n_classes"])
+        loaders = [m["loader"] for m in members]
+        names = [str(m.get("name", "")) for m in members]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{file}: not a readable ensemble description ({_first_line(exc)})") from None
+    if len(weights) != len(members) or not members or ENSEMBLE_LOADER in loaders:
+        raise ExportError(f"{file}: an ensemble needs one weight per member, and no member may be an ensemble")
+    # Member folders are named by position here, never read from the file: nothing outside model/ is opened.
+    loaded = [_load_model(loader, model_dir / f"member{i}", trusted_modules=trusted_modules)
+              for i, loader in enumerate(loaders)]
+    return EnsembleModel(loaded, weights, task=task, n_classes=n_classes, names=names)
 
 
 def _is_sklearn(model: Any) -> bool:
@@ -211,6 +255,8 @@ def loader_allowed(module_name: str, trusted_modules: Iterable[str] = ()) -> boo
 def _load_model(loader: Any, model_dir: Path, *, trusted_modules: Iterable[str] = ()) -> Any:
     if loader == SKOPS_LOADER:
         return _load_skops(model_dir / "model.skops")
+    if loader == ENSEMBLE_LOADER:
+        return _load_ensemble(model_dir, trusted_modules)
     manifest = model_dir.parent / MANIFEST
     if not isinstance(loader, str) or loader.count(":") != 1:
         raise ExportError(f"{manifest}: model loader {loader!r} is not of the form module:Class")

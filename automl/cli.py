@@ -17,6 +17,9 @@ from rich.console import Console
 
 from automl.errors import AutoMLError, TrainerError, UsageError
 
+# When this command started (as near as Python lets us see): AutoML mode's --time counts from here, start-up included.
+STARTED = time.time()
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -185,18 +188,28 @@ def _run_automl(data_source: str | None, target: str | None, *, time_budget: str
     if trainer is not None:
         raise UsageError("--trainer: AutoML mode searches every model; to tune one trainer, write a spec "
                          "(automl run --data ... --print-spec > spec.yaml, then edit it)")
-    raw = automl_spec(data_source, target, time=time_budget, metric=metric, seed=seed or 0, base_dir=Path.cwd())
+    facts: dict[str, Any] = {}
+    raw = automl_spec(data_source, target, time=time_budget, metric=metric, seed=seed or 0, base_dir=Path.cwd(),
+                      facts=facts)
     text = yaml.safe_dump(raw, sort_keys=False, default_flow_style=None)  # one line per parameter
     spec = spec_from_dict(raw, overrides={k: v for k, v in overrides.items() if v is not None})
     if print_spec:
         print(text, end="")
         return
+    from automl.data import COLUMN_RULE
+    from automl.quick import describe_validation
+
+    budget = spec.budget.time
     sweep = Sweep(spec, base_dir=Path.cwd(), spec_text=text, tracking_uri=tracking_uri, address=address,
-                  storage=storage)
+                  storage=storage, deadline=STARTED + budget if budget else None)
     models = raw["parameters"]["model"]["choices"]
     console.print(f"[bold]{spec.name}[/bold] (AutoML mode): {spec.data.task if spec.data else ''} on "
                   f"{data_source}, models {', '.join(models)}; optimising {spec.metric_name} "
-                  f"({spec.direction}) for {spec.budget.time:.0f}s", highlight=False)
+                  f"({spec.direction}) for {budget:.0f}s, start-up and finishing included", highlight=False)
+    for line in (describe_validation(spec, facts["rows"]), COLUMN_RULE,
+                 "final model: the best trial refit on all rows, or a greedy ensemble of the best trials where it "
+                 "beats the best single one on held-out folds"):
+        console.print(line, highlight=False, markup=False)
     with _Progress(sweep.planned_trials(), spec.metric_name, spec.direction) as progress:
         result = _interruptible(lambda: sweep.run(on_event=progress.on_event, on_note=progress.note))
     _print_per_model(result)

@@ -13,6 +13,7 @@ is a ``Dataset`` with its own preprocessing, fitted on that fold's training part
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
@@ -61,6 +62,16 @@ ID_DISTINCT_FRACTION = 0.5
 # An integer column whose values are all distinct and consecutive (1..891 in any order, none missing) is a row
 # number, left out of the features, in a table of more than this many rows (in fewer, a count may be so by chance).
 ROW_NUMBER_MIN_ROWS = 30
+# An integer column whose name ends in one of these words (id, passenger_id, PassengerId, CustomerID, row_index; or
+# pandas' 'Unnamed: 0' index column), with a distinct value in every row, is an identifier, consecutive or not.
+ID_WORDS = frozenset({"id", "ids", "key", "index", "idx", "row", "rownum", "uuid"})
+# A text column whose values average at least this many words, with more than MAX_CATEGORIES distinct values, is
+# free text (a comment, a description): one-hot encoding would keep only its most frequent sentences.
+FREE_TEXT_WORDS = 3.0
+# Rows sampled to measure a text column's words (the rule reads the column's first values only).
+FREE_TEXT_SAMPLE = 1000
+# A refit's validation rows (prepare_all_rows): a sample of the training rows, for the trainers' reports only.
+REFIT_REPORT_ROWS = 256
 
 
 @dataclass
@@ -395,6 +406,25 @@ def prepare(spec: DataSpec, *, base_dir: Path | None = None, seed: int = 0) -> P
     )
 
 
+def prepare_all_rows(spec: DataSpec, *, base_dir: Path | None = None, seed: int = 0
+                     ) -> tuple[Dataset, ColumnTransformer]:
+    """Every row as a training row, and the preprocessing fitted on them all: what a refit trains on
+    (``final_model.refit``). The same columns are left out as in ``prepare``.
+
+    Its validation rows are a sample of the training rows: trainers report metrics on them, which say nothing here
+    (the model was trained on them), so they are kept few.
+    """
+    table = _load_table(spec, base_dir)
+    dropped = [] if table.passthrough else screen_columns(table.X)[0]
+    pre = passthrough_preprocessor(table.X) if table.passthrough else make_preprocessor(table.X, drop=dropped)
+    X = np.ascontiguousarray(pre.fit_transform(table.X).astype(np.float32, copy=False))
+    sample = np.random.default_rng(seed).choice(len(X), size=min(len(X), REFIT_REPORT_ROWS), replace=False)
+    dataset = Dataset(task=table.task, X_train=X, y_train=table.y, X_val=X[sample], y_val=table.y[sample],
+                      feature_names=[str(n) for n in pre.get_feature_names_out()],
+                      classes=[_plain(c) for c in table.classes], target=table.target, image_shape=table.image_shape)
+    return dataset, pre
+
+
 def _splits(table: _Table, spec: DataSpec, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Row indices of (train, validation): one split of ``fraction``, or one pair per fold."""
     from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
@@ -426,12 +456,16 @@ def _splits(table: _Table, spec: DataSpec, seed: int) -> list[tuple[np.ndarray, 
 def screen_columns(X: pd.DataFrame) -> tuple[list[str], list[str]]:
     """The feature columns to leave out, and one sentence per decision (``PreparedData.notes``).
 
-    Left out: a text column whose distinct values are more than ``MAX_CATEGORIES`` and more than
-    ``ID_DISTINCT_FRACTION`` of the rows (an identifier or free text: one-hot encoding it would give a column
-    per row and nothing that generalises), and an integer column whose values are all distinct and consecutive,
-    none missing, in more than ``ROW_NUMBER_MIN_ROWS`` rows (a row number such as 1..891: it tells where the
-    row is in the file, not what it is). A kept text column of more than ``MAX_CATEGORIES`` values is noted as
-    capped.
+    Left out (the rule ``COLUMN_RULE`` states, printed in the run header):
+    - a text column whose distinct values are more than ``MAX_CATEGORIES`` and more than ``ID_DISTINCT_FRACTION``
+      of the rows (an identifier or free text: one-hot encoding it would give a column per row and nothing that
+      generalises);
+    - a text column of more than ``MAX_CATEGORIES`` distinct values averaging at least ``FREE_TEXT_WORDS`` words
+      (free text: a comment, a description);
+    - an integer column whose values are all distinct and consecutive, none missing, in more than
+      ``ROW_NUMBER_MIN_ROWS`` rows (a row number such as 1..891: it tells where the row is in the file, not what
+      it is), or all distinct under a name that says it is an identifier (``ID_WORDS``: id, passenger_id, key).
+    A kept text column of more than ``MAX_CATEGORIES`` values is noted as capped.
     """
     import pandas as pd
 
@@ -444,14 +478,22 @@ def screen_columns(X: pd.DataFrame) -> tuple[list[str], list[str]]:
         if _is_number(values):
             if pd.api.types.is_integer_dtype(values) and rows > ROW_NUMBER_MIN_ROWS and not values.isna().any():
                 low, high = int(values.min()), int(values.max())
-                if high - low + 1 == rows and values.nunique() == rows:
+                if values.nunique() == rows and high - low + 1 == rows:
                     dropped.append(column)
                     notes.append(f"dropped '{column}' (a row number: the integers {low} to {high}, each once)")
+                elif values.nunique() == rows and _named_as_id(str(column)):
+                    dropped.append(column)
+                    notes.append(f"dropped '{column}' (an identifier: named so, a distinct integer in every row)")
             continue
         distinct = int(values.nunique(dropna=True))
         if distinct <= MAX_CATEGORIES:
             continue
-        if distinct > ID_DISTINCT_FRACTION * rows:
+        words = _mean_words(values)
+        if words >= FREE_TEXT_WORDS:
+            dropped.append(column)
+            notes.append(f"dropped '{column}' (free text: {distinct} distinct values of {words:.1f} words on "
+                         "average)")
+        elif distinct > ID_DISTINCT_FRACTION * rows:
             dropped.append(column)
             notes.append(f"dropped '{column}' (ID-like: {distinct} distinct values in {rows} rows)")
         else:
@@ -460,6 +502,24 @@ def screen_columns(X: pd.DataFrame) -> tuple[list[str], list[str]]:
         notes.append(f"one-hot capped at {MAX_CATEGORIES} categories: {', '.join(capped)}; the rarer values and "
                      "values unseen in training share one column")
     return dropped, notes
+
+
+COLUMN_RULE = (f"columns left out: text with more than {MAX_CATEGORIES} distinct values that are over "
+               f"{ID_DISTINCT_FRACTION:.0%} of the rows (an ID) or average {FREE_TEXT_WORDS:g}+ words (free text); "
+               f"integers distinct in every row that count 1..n (a row number) or are named as an ID (id, *_id, key); "
+               f"other text is one-hot encoded, at most {MAX_CATEGORIES} columns each")
+
+
+def _named_as_id(name: str) -> bool:
+    if re.fullmatch(r"Unnamed: \d+", name):
+        return True
+    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower())
+    return bool(words) and words[-1] in ID_WORDS
+
+
+def _mean_words(values: pd.Series) -> float:
+    sample = values.dropna().head(FREE_TEXT_SAMPLE).astype(str)
+    return float(sample.str.split().str.len().mean()) if len(sample) else 0.0
 
 
 def make_preprocessor(X: pd.DataFrame, *, drop: Collection[str] = ()) -> ColumnTransformer:

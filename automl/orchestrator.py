@@ -65,7 +65,11 @@ class Sweep:
         spec_text: str | None = None,
         storage: str | None = None,
         source: str | None = None,
+        deadline: float | None = None,
     ) -> None:
+        """``deadline``: the wall-clock time (``time.time()``) by which the whole run, its start-up and finishing
+        step included, should be over: the CLI's ``--time`` counted from the command's start. Without one,
+        ``budget.time`` counts from the moment the sweep's trials can start."""
         from automl.space import SearchSpace
         from automl.trainer import resolve_trainer
 
@@ -81,6 +85,7 @@ class Sweep:
         self.tracking_uri = resolve_tracking_uri(tracking_uri, self.workdir)
         self.spec_text = spec_text
         self.source = source  # the spec file's name, for error lines
+        self.deadline = deadline
         self.space = SearchSpace(spec.parameters)  # the spec's validators already checked it against the method
         self.trainer = resolve_trainer(spec.trainer, self.base_dir)
         self._checked: list[str] | None = None

@@ -69,7 +69,12 @@ def _version(name: str) -> str | None:
 
 def torch_network(bundle: ModelBundle, format: str) -> Any:
     """The bundle's network as a CPU ``torch.nn.Module`` in eval mode; ``ExportError`` when it has none."""
+    from automl.ensemble import EnsembleModel
+
     model = bundle.model
+    if isinstance(model, EnsembleModel):
+        raise ExportError(f"--format {format} holds one network; the best model is an ensemble of "
+                          f"{len(model.members)} models ({', '.join(model.names)}); use --format mlflow")
     module = model.torch_module() if isinstance(model, SavableModel) else None
     if module is None:
         raise ExportError(f"--format {format} needs a torch network; the best model is {type(model).__name__}; "

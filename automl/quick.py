@@ -5,6 +5,11 @@ space (``Trainer.search_space``: built-in and plug-in trainers alike), and joins
 ``model`` parameter: a trial first picks a model, then that model's parameters (``<model>__<param>``, as in
 scikit-learn pipelines). Each model's library defaults are tried first (``points_to_evaluate``), so the search
 starts from what a user would get without tuning and can only improve on it.
+
+What generalises to new rows: a small table (``SMALL_TABLE_ROWS``) is scored by ``CV_FOLDS``-fold cross-validation
+(``validation_rule``), and ``final_model: {refit: true, ensemble: true}`` makes the logged model the best trial, or a
+greedy ensemble of the best trials, refit on every row (automl.final_model). The CLI prints these rules, and
+automl.data's column rule, in the run header.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ if TYPE_CHECKING:
     from automl.orchestrator import SweepResult, TrialRecord
 
 DEFAULT_TIME = "2m"
+# The small-table rule: a table of at most SMALL_TABLE_ROWS rows is scored by CV_FOLDS-fold cross-validation (every
+# row validates once, so a lucky 20% split cannot pick the model); a larger one by one 20% validation split, where
+# k fits per trial would cost more search than the split's noise costs accuracy.
+SMALL_TABLE_ROWS = 5000
+CV_FOLDS = 5
 DEFAULT_METRIC = {"classification": "val_accuracy", "regression": "val_r2"}
 MAX_TRIALS = 1000  # the time budget ends an AutoML sweep; this only bounds a very long --time
 
@@ -33,8 +43,11 @@ def automl_spec(
     task: str = "auto",
     seed: int = 0,
     base_dir: Path | None = None,
+    facts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The spec AutoML mode runs for ``data`` (what ``--print-spec`` prints): a plain dict in spec format."""
+    """The spec AutoML mode runs for ``data`` (what ``--print-spec`` prints): a plain dict in spec format.
+
+    ``facts``, when given, receives what the spec was built from that the run header shows (``rows``)."""
     from automl.data import infer_task, load_frame
 
     frame, own_target = load_frame(data, base_dir)
@@ -49,6 +62,9 @@ def automl_spec(
         task = infer_task(y)
     if task not in DEFAULT_METRIC:
         raise SpecError(f"--task must be auto, classification or regression (got {task!r})")
+    validation = validation_rule(task, y)
+    if facts is not None:
+        facts["rows"] = len(y)
     spaces = model_spaces(task, n_rows=len(y))
     if not spaces:
         raise SpecError(f"no registered trainer offers an AutoML search space for {task}")
@@ -65,7 +81,7 @@ def automl_spec(
     return {
         "name": f"{name}-automl",
         "trainer": "auto",
-        "data": {"source": data, "target": str(target), "task": task},
+        "data": {"source": data, "target": str(target), "task": task, **validation},
         "metric": metric or DEFAULT_METRIC[task],
         "method": "tpe",
         "budget": {"trials": MAX_TRIALS, "time": time or DEFAULT_TIME},
@@ -75,7 +91,30 @@ def automl_spec(
                                  "when": {m: p for m, p in when.items() if p}}},
         "points_to_evaluate": points,
         "tracking": {"register_as": f"{name}-automl"},
+        # The best configuration(s) refit on every row, as an ensemble where that wins on held-out folds.
+        "final_model": {"refit": True, "ensemble": True},
     }
+
+
+def validation_rule(task: str, y: Any) -> dict[str, Any]:
+    """The small-table rule: ``{"validation": {"folds": k}}`` for a table of at most ``SMALL_TABLE_ROWS`` rows (k is
+    ``CV_FOLDS``, fewer when a class has fewer rows than that), else nothing (one 20% validation split)."""
+    if len(y) > SMALL_TABLE_ROWS:
+        return {}
+    folds = CV_FOLDS
+    if task == "classification":
+        folds = min(folds, int(y.value_counts().min()))
+    return {"validation": {"folds": folds}} if folds >= 2 else {}
+
+
+def describe_validation(spec: Any, rows: int) -> str:
+    """The run header's line on how trials are scored, with the rule that chose it."""
+    rule = (f"rule: {CV_FOLDS}-fold cross-validation for tables of at most {SMALL_TABLE_ROWS} rows, one 20% "
+            "validation split above")
+    folds = spec.data.validation.folds if spec.data is not None else None
+    if folds:
+        return f"validation: {folds}-fold cross-validation on {rows} rows ({rule})"
+    return f"validation: one {spec.data.validation.fraction:.0%} split of {rows} rows ({rule})"
 
 
 # Models whose defaults train fastest go first: with a short --time, every model's defaults still get a turn.

@@ -297,6 +297,25 @@ class TrackingSpec(_Model):
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+class FinalModelSpec(_Model):
+    """What is logged and registered at the end (automl.final_model). By default the best trial's own model.
+
+    ``refit``: the best configuration trained again on every row (training and validation rows, all folds) before
+    it is logged. ``ensemble``: a greedy ensemble of the best trials (their validation or out-of-fold predictions)
+    whenever it beats the best single trial on held-out folds; its members are refit, so it needs ``refit``.
+    AutoML mode turns both on.
+    """
+
+    refit: bool = False
+    ensemble: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> FinalModelSpec:
+        if self.ensemble and not self.refit:
+            raise FieldError("ensemble", "an ensemble's members are refit on all rows; set refit: true too")
+        return self
+
+
 class Spec(_Model):
     """A whole sweep, as written in the spec file (DESIGN.md section 2)."""
 
@@ -319,6 +338,7 @@ class Spec(_Model):
     # last sweep's best. A point may leave parameters out; the method proposes those.
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     tracking: TrackingSpec = TrackingSpec()
+    final_model: FinalModelSpec = FinalModelSpec()
     # Earlier sweeps (ids or names) or MLflow experiments in the same store whose finished trials seed the sampler:
     # not run again, not counted in the budget (automl.engine.warmstart states which trials qualify).
     warm_start: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(default_factory=list,
@@ -356,6 +376,8 @@ class Spec(_Model):
         if len(set(names)) != len(names):
             raise FieldError("metric", f"names a metric twice ({names})")
         check_method(self.method, space, objectives=len(objectives))  # refused now, not mid-sweep
+        if (self.final_model.refit or self.final_model.ensemble) and (self.data is None or len(self.objectives) > 1):
+            raise FieldError("final_model", "refit and ensemble need a data: section and a single metric")
         if self.data is not None and self.data.validation.folds and self.early_stopping.method != "none":
             # A k-fold trial reports once all its folds are trained: there are no intermediate steps to prune.
             raise FieldError("early_stopping", f"cannot stop k-fold trials early (data.validation.folds: "

@@ -74,7 +74,7 @@ class InProcessExecutor:
 
     def _run(self, request: TrialRequest, attempt: int) -> None:
         for batch in self.runner.run(request.key, request.trainer, request.params, request.data, request.seed,
-                                     request.segment):
+                                     request.segment, request.predictions):
             with self._lock:
                 if self._running.get(request.key) != attempt:
                     return  # killed: what it still says is not heard

@@ -49,6 +49,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "huber_delta": 1.0,     # huber, in standard deviations of the target (regression trains on a standardised one)
     "class_weight": None,   # None | balanced
     "patience": 0,          # stop after this many epochs without a lower val_loss, keep the best; 0 = off
+    "patience_split": 0.0,  # > 0: patience watches this share of the training rows, not the validation rows
 }
 # What may change between two segments of one training (method: pbt): training settings the loop reads each epoch
 # or writes into the optimizer. Not what shapes the network or the optimizer's state (depth, width, optimizer).
@@ -82,6 +83,7 @@ def check_params(trainer: str, params: dict[str, Any], defaults: dict[str, Any])
     for key in ("momentum", "weight_decay", "grad_clip", "l1", "l2"):
         check_float(trainer, p, key, low=0.0)
     check_float(trainer, p, "label_smoothing", low=0.0, high=1.0, high_open=True)
+    check_float(trainer, p, "patience_split", low=0.0, high=0.5, high_open=True)
     check_float(trainer, p, "lr_gamma", low=0.0, high=1.0, low_open=True)
     return p
 
@@ -217,6 +219,9 @@ def train(net: Any, data: Dataset, p: dict[str, Any], report: Report, *,
     lower val_loss, every report carries ``best_epoch``, and when the best epoch was not the last one a final
     report (step: last epoch + 1) repeats the best epoch's metrics: the sweep takes a trial's last report as
     its value, so the trial's value, its metrics and the returned weights all come from the best epoch.
+    With ``patience_split`` > 0, that share of the training rows (drawn from numpy's seeded generator) is held
+    out of training and decides the best epoch instead of the validation rows, so the validation metrics (and
+    out-of-fold predictions) of the returned weights are not chosen on the very rows they are measured on.
     ``augment`` transforms each training batch; ``eval_rows`` bounds the rows per validation forward pass.
     """
     import torch
@@ -236,6 +241,13 @@ def train(net: Any, data: Dataset, p: dict[str, Any], report: Report, *,
         y_std = float(data.y_train.std()) or 1.0
         y = torch.from_numpy(((data.y_train - y_mean) / y_std).astype(np.float32)).unsqueeze(1)
         yv = torch.from_numpy(((data.y_val - y_mean) / y_std).astype(np.float32)).unsqueeze(1)
+    batch, epochs, patience = int(p["batch_size"]), int(p["epochs"]), int(p["patience"])
+    stop_X = stop_y = None  # the rows patience watches (None: the validation rows)
+    held = round(float(p["patience_split"]) * len(X)) if patience else 0
+    if 0 < held < len(X):
+        order = torch.from_numpy(np.random.permutation(len(X)))
+        stop_X, stop_y = X[order[:held]].to(dev), y[order[:held]].to(dev)
+        X, y = X[order[held:]], y[order[held:]]
     net = net.to(dev)
     X, Xv, y, yv = X.to(dev), Xv.to(dev), y.to(dev), yv.to(dev)
     loss_fn = make_loss(p, data, dev)
@@ -252,7 +264,6 @@ def train(net: Any, data: Dataset, p: dict[str, Any], report: Report, *,
         set_dropout(net, float(p.get("dropout", 0.0)))
     l1, l2, clip = float(p["l1"]), float(p["l2"]), float(p["grad_clip"])
     penalised = [w for w in net.parameters() if w.ndim > 1]  # weight matrices and kernels
-    batch, epochs, patience = int(p["batch_size"]), int(p["epochs"]), int(p["patience"])
     n = len(X)
     # Batch norm cannot normalise a batch of one row: such a last batch is left out of the epoch.
     has_bn = any(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) for m in net.modules())
@@ -301,8 +312,12 @@ def train(net: Any, data: Dataset, p: dict[str, Any], report: Report, *,
         elif schedule is not None:
             schedule.step()
         if patience:
-            if val_loss < best_loss:
-                best_loss, best_epoch, best_metrics = val_loss, epoch, metrics
+            watched = val_loss
+            if stop_X is not None:
+                with torch.no_grad():
+                    watched = float(loss_fn(net(stop_X), stop_y))
+            if watched < best_loss:
+                best_loss, best_epoch, best_metrics = watched, epoch, metrics
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             metrics["best_epoch"] = float(best_epoch)
         if segments:

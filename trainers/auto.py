@@ -41,7 +41,18 @@ class AutoTrainer(Trainer):
         model, own = split_params(params)
         if model == "auto":
             raise ValueError("auto: model cannot be 'auto' itself")
+        return self._fit(model)(own, data, report)
+
+    def _fit(self, model: str) -> Callable[[dict[str, Any], Dataset | None, Report], Any]:
         fit = self._fits.get(model)
         if fit is None:
             fit = self._fits[model] = resolve_trainer(model).load()
-        return fit(own, data, report)
+        return fit
+
+    def warmup(self) -> None:
+        # AutoML mode's first trials are the scikit-learn models' defaults (automl.quick.FIRST): their imports
+        # (scikit-learn, skops: seconds on a busy machine) are paid while the sweep starts, not inside the first
+        # trials' share of a short --time. The neural network's torch is imported when its turn comes.
+        warm = getattr(getattr(self._fit("logistic_regression"), "__self__", None), "warmup", None)
+        if callable(warm):
+            warm()

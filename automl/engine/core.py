@@ -28,6 +28,12 @@ if TYPE_CHECKING:
     from automl.spec import Spec
 
 
+# Seconds a trial may run on past budget.time (it stops at its next report) before it is killed.
+DEADLINE_GRACE = 2.0
+# Ensemble candidates whose predictions are kept (see SweepCore._keep_predictions).
+KEPT_PREDICTIONS = 25
+
+
 class SweepOps(Protocol):
     """What the core asks of the executor, by trial number (the engine adds the sweep id)."""
 
@@ -123,6 +129,15 @@ class SweepCore:
         self._timed_out = False
         self._warned_device = False
         self._started_at: dict[int, float] = {}
+        # Validation (k-fold: out-of-fold) predictions of completed trials, when the spec builds an ensemble
+        # (final_model.ensemble): the candidates of automl.final_model. Only the best are kept (``_keep_predictions``).
+        self.predictions: dict[int, Any] = {}
+        # With a finishing step that refits (final_model.refit), the trials end early enough for it: at
+        # ``finish_by`` (this core's clock) less the refit of the best trial so far (``finish_seconds``), never
+        # before ``finish_floor``. Set by the engine's start-up; None: the deadline is budget.time's alone.
+        self.finish_by: float | None = None
+        self.finish_floor: float | None = None
+        self.finish_seconds: Callable[[TrialRecord | None], float] | None = None
 
     # ------------------------------------------------------------------------------------------ budget
 
@@ -173,6 +188,7 @@ class SweepCore:
             self.requested = max_concurrent
         if time is not None:
             self.deadline = self.started + time
+            self.finish_by = None  # the user's new time is the trials' own
             self._timed_out = False
         return self.budget()
 
@@ -236,6 +252,11 @@ class SweepCore:
             self._timed_out = True
             for number in list(self.trials):
                 self._stop(number, "budget.time reached")
+        if self._timed_out and self.deadline is not None and self.clock() > self.deadline + DEADLINE_GRACE:
+            # A trial that does not report (one long fit) would hold the sweep past its budget: --time is a
+            # promise about when the command returns.
+            for number in list(self.trials):
+                self.ops.kill(number)
         limit = self.spec.budget.trial_time
         if limit is None:
             return
@@ -255,7 +276,7 @@ class SweepCore:
         times = []
         if self.deadline is not None and not self._timed_out:
             times.append(self.deadline)
-        if self.spec.budget.trial_time is not None and self.trials:
+        if (self.spec.budget.trial_time is not None or self._timed_out) and self.trials:
             times.append(self.clock() + 0.5)
         return min(times) if times else None
 
@@ -309,6 +330,9 @@ class SweepCore:
         record.node, record.gpus = end.node, end.gpus
         if state == TrialState.FAILED:
             self._count_failure(record)
+        if state == TrialState.COMPLETE and end.predictions is not None and record.value is not None:
+            self.predictions[number] = end.predictions
+            self._keep_predictions()
         new_best = state == TrialState.COMPLETE and self.is_better(record)
         if new_best and end.model is not None:
             # Saved before the trial is told to Optuna: after a crash at any point, the trial the search state
@@ -348,9 +372,35 @@ class SweepCore:
                 self.hooks.note(f"trial {number}: {end.device_note}")
         if new_best:
             self.best = record
+            self.plan_finish()
             tags["automl.best_so_far"] = "true"
             self.hooks.best_told(record)
         self.hooks.trial_finished(record, tags, artifacts)
+
+    def plan_finish(self) -> None:
+        """Move the trials' deadline so that the finishing step (its refit of the best so far) ends by
+        ``finish_by``."""
+        if self.finish_by is None or self.finish_seconds is None or self._timed_out:
+            return
+        deadline = self.finish_by - self.finish_seconds(self.best)
+        self.deadline = max(deadline, self.finish_floor) if self.finish_floor is not None else deadline
+
+    def _keep_predictions(self) -> None:
+        """Bound the memory held for ensemble candidates: past twice ``KEPT_PREDICTIONS``, keep the best that many
+        and the best trial of each model family (a diverse candidate is worth more to an ensemble than a tenth
+        near-copy of the leader)."""
+        if len(self.predictions) <= 2 * KEPT_PREDICTIONS:
+            return
+        sign = -1.0 if self.goal == "maximize" else 1.0
+        ranked = sorted(self.predictions, key=lambda n: sign * (self.records[n].value or 0.0))
+        keep = set(ranked[:KEPT_PREDICTIONS])
+        families: set[Any] = set()
+        for number in ranked:
+            family = self.records[number].params.get("model")
+            if family not in families:
+                families.add(family)
+                keep.add(number)
+        self.predictions = {n: p for n, p in self.predictions.items() if n in keep}
 
     def _count_failure(self, record: TrialRecord) -> None:
         limit = self.spec.budget.max_failures

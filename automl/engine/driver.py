@@ -188,7 +188,7 @@ class Engine:
         return self._starting_lock
 
     def _start(self, run: SweepRun) -> None:
-        from automl.engine.startup import after_start, start_sweep
+        from automl.engine.startup import after_start, prewarm_finish, start_sweep
 
         try:
             start_sweep(self, run)
@@ -205,6 +205,8 @@ class Engine:
             run.error = exc
         finally:
             run.started_event.set()
+        # After the event: a short sweep (a few seconds of --time) must not wait for it to finish.
+        prewarm_finish(run)
 
     def _abandon(self, run: SweepRun, exc: BaseException) -> None:
         """A start-up that failed: nothing of it runs on; what it wrote is closed (never left RUNNING)."""

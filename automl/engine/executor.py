@@ -35,6 +35,8 @@ class TrialRequest:
     data: Any  # what ``Executor.put_data`` returned for this sweep (None: the spec has no data)
     shape: Shape
     segment: Segment | None = None  # method: pbt: one stretch of a member's training
+    # Send back the model's validation (k-fold: out-of-fold) predictions, for ensemble selection (final_model).
+    predictions: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class TrialEnd:
     traceback: str | None = None
     model: PackedModel | None = None
     model_note: str | None = None
+    predictions: Any = None  # numpy array, when the request asked for them (automl.ensemble.validation_predictions)
     worker_died: bool = False  # the worker process died under the trial (it may be retried)
     node: str | None = None  # the Ray node that ran it
     gpus: list[str] | None = field(default=None)  # the GPU ids Ray assigned (fractional GPUs share an id)

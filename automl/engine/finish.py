@@ -8,10 +8,12 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from automl.engine.records import BestTrial, SweepFailed, SweepResult, leaderboard
@@ -24,7 +26,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # Optuna's matplotlib plots go through pyplot, whose global state two finishing sweeps must not share at once.
 _PLOTS = threading.Lock()
-_IMPORTS = threading.Lock()  # sys.path and sys.modules are the process's: one finishing step changes them at a time
+_IMPORTS = threading.Lock()
+# What the summary plots take, at most, on a busy 2-core machine: a sweep with less than that left of its budget.time
+# (a wall-clock deadline) skips them.
+PLOT_SECONDS = 3.0  # sys.path and sys.modules are the process's: one finishing step changes them at a time
 
 
 def finish_sweep(run: SweepRun) -> SweepResult:
@@ -73,6 +78,13 @@ def finish_sweep(run: SweepRun) -> SweepResult:
         # The plots follow the result (draw_plots): about a second of matplotlib that nothing needs to wait for.
         # Only at the sweep's real end: a cancelled or failed sweep is resumed (and plotted) later.
         run.plots_due = status == "FINISHED"
+        deadline = run.plan.deadline  # the whole command's (AutoML mode's --time); not a spec's budget.time
+        if run.plots_due and deadline is not None and time.time() > deadline - PLOT_SECONDS:
+            # A process waits for its plots before it exits: past budget.time (which counts the whole command),
+            # a few seconds of matplotlib on a busy machine would make it later still. The leaderboard and the
+            # summary are logged; the plots are what `optuna-dashboard` or the MLflow UI's charts show anyway.
+            run.plots_due = False
+            tags["automl.plots"] = "skipped: budget.time spent"
     run.state.extra.update(best_model_uri=run.model_uri)
     try:
         sweep_log.finish(status, params=params, metrics=metrics, tags=tags)
@@ -105,13 +117,19 @@ def _log_best_model(run: SweepRun, tags: dict[str, str]) -> str | None:
     assert run.folder is not None
     best = core.best
     bundle = find_best_bundle(run.folder, best.number)
+    prepared = run.prepared
+    value = float(best.value or 0.0)
+    final = _final_model(run, tags) if run.spec.final_model.refit and core.status == "FINISHED" else None
+    if final is not None:
+        bundle, prepared = final
+        value = float(tags.get("automl.final.held_out", value))
     if bundle is None:
         return None
     from automl.export import log_pyfunc_model
 
     client, parent = run.log.client, run.log.parent_run_id
     with trainer_importable(run.plan.trainer):  # a user's own SavableModel lives in the trainer's module
-        model_uri = log_pyfunc_model(client, parent, bundle, run.prepared, trusted_modules=trusted_modules(run))
+        model_uri = log_pyfunc_model(client, parent, bundle, prepared, trusted_modules=trusted_modules(run))
     tags[tracking.TAG_BEST_URI] = model_uri
     register_as = run.spec.tracking.register_as
     if register_as:
@@ -119,13 +137,59 @@ def _log_best_model(run: SweepRun, tags: dict[str, str]) -> str | None:
 
         try:
             register_champion(client, register_as, model_uri, run_id=parent, metric=core.metric, goal=core.goal,
-                              value=float(best.value or 0.0))
+                              value=value)
         except AutoMLError as exc:
             # The sweep itself succeeded and its record must still be closed: a registry refusal (permissions, a
             # server down) is a warning and a tag, never a parent left RUNNING.
             log.warning("%s", exc)
             tags["automl.register_error"] = str(exc)
     return model_uri
+
+
+def _final_model(run: SweepRun, tags: dict[str, str]) -> tuple[Path, Any] | None:
+    """The refit (or ensemble) of ``final_model``, written as a bundle in the state folder; None when there is
+    nothing to refit or it failed (the best trial's own model is logged then, and the note says why)."""
+    from automl import final_model
+    from automl.bundle import pack_model, write_bundle
+
+    core = run.core
+    assert core is not None
+    assert core.best is not None
+    assert run.folder is not None
+    try:
+        final = final_model.build(run, run.deadline, run.note)
+        if final is None:
+            return None
+        packed = pack_model(final.model)
+        if packed is None:
+            raise ValueError(f"{type(final.model).__name__} has no safe save format")
+        info = {"trainer": run.spec.trainer, "trial": core.best.number, "params": core.best.params,
+                "fixed": run.spec.fixed, "sweep_id": run.sweep_id, "final_model": final.kind,
+                "members": [{"trial": n, "model": m, "weight": w} for n, m, w in final.members],
+                "metric": {"name": core.metric, "goal": core.goal, "value": final.held_out,
+                           "estimate": "held-out (out-of-fold, chosen without each fold)"}}
+        target = run.folder / "final_model"
+        shutil.rmtree(target, ignore_errors=True)
+        bundle = write_bundle(target, packed, final.prepared, info=info)
+    except Exception as exc:
+        log.warning("final model: the refit failed (%s); the best trial's own model is logged", exc)
+        run.note(f"final model: the refit failed ({type(exc).__name__}: {str(exc)[:200]}); the best trial's own "
+                 "model is logged")
+        tags["automl.final.error"] = str(exc)[:5000]
+        return None
+    for text in final.notes:
+        run.note(text)
+    run.note(final.describe(core.metric))
+    tags["automl.final"] = final.kind
+    tags["automl.final.members"] = json.dumps([{"trial": n, "model": m, "weight": round(w, 4)}
+                                               for n, m, w in final.members])
+    if final.held_out is not None:
+        tags["automl.final.held_out"] = repr(float(final.held_out))
+        run.log.log_parent(metrics={f"final.held_out_{core.metric}": float(final.held_out)})
+    if final.single_held_out is not None and final.ensemble_held_out is not None:
+        run.log.log_parent(metrics={f"final.single_held_out_{core.metric}": float(final.single_held_out),
+                                    f"final.ensemble_held_out_{core.metric}": float(final.ensemble_held_out)})
+    return bundle, final.prepared
 
 
 @contextlib.contextmanager

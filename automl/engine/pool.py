@@ -198,7 +198,8 @@ class RayPool:
             worker.pending_stop = False
             worker.trainers.add((request.trainer.target, request.trainer.search_path))
             worker.stream = worker.actor.run.options(num_returns="streaming").remote(
-                request.key, request.trainer, request.params, request.data, request.seed, request.segment)
+                request.key, request.trainer, request.params, request.data, request.seed, request.segment,
+                request.predictions)
             self._by_stream[worker.stream] = worker
             self._by_key[request.key] = worker
 

@@ -69,6 +69,7 @@ class SweepRun:
     cancel_requested: str | None = None
     cut: dict[int, float] = field(default_factory=dict)  # cancelled trials still on a worker -> when cut
     notes: list[str] = field(default_factory=list)
+    deadline: float | None = None  # wall-clock end of the whole run (budget.time), finishing step included
 
     @property
     def spec(self) -> Any:
@@ -92,7 +93,8 @@ class RunOps:
     def launch(self, number: int, params: dict[str, Any], seed: int, segment: Segment | None = None) -> None:
         run = self.run
         self.engine.executor.launch(TrialRequest(key=run.key(number), trainer=run.plan.trainer, params=params,
-                                                 seed=seed, data=run.data_handle, shape=run.shape, segment=segment))
+                                                 seed=seed, data=run.data_handle, shape=run.shape, segment=segment,
+                                                 predictions=run.spec.final_model.ensemble))
 
     def stop(self, number: int) -> None:
         self.engine.executor.stop(self.run.key(number))

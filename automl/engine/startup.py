@@ -80,6 +80,7 @@ def start_sweep(engine: Engine, run: SweepRun) -> None:
         run.core = _pbt_core(run, study, live, common)
     else:
         run.core = SweepCore(**common)
+    _set_deadline(run)
     if run.resume is not None:
         _repair_trial_runs(run)  # MLflow made to agree with the journal before new trials start
 
@@ -100,6 +101,43 @@ def _pbt_core(run: SweepRun, study: optuna.Study, live: dict[int, Any], common: 
                                            "error": "the sweep's driver was killed"})
             study.tell(trial, state=OptunaState.FAIL)
     return core
+
+
+# The least share of budget.time the trials get, whatever the start-up took.
+MIN_SEARCH_SHARE = 0.25
+
+
+def _set_deadline(run: SweepRun) -> None:
+    """The trials' deadline: ``budget.time`` from now, or from the plan's wall-clock deadline (the CLI's --time,
+    start-up included). A sweep that refits its final model stops its trials early enough for the refit of its
+    best trial so far and the logging (``automl.final_model.finish_seconds``), but gives them at least
+    ``MIN_SEARCH_SHARE`` of the budget whatever the start-up took.
+
+    ``run.deadline`` keeps the wall-clock end of the whole run, which the finishing step's refits respect."""
+    core, spec = run.core, run.spec
+    assert core is not None
+    budget = spec.budget.time
+    if budget is None or run.resume is not None:
+        return
+    now = time.time()
+    end = run.plan.deadline if run.plan.deadline is not None else now + budget
+    run.deadline = end
+    to_clock = core.clock() - now  # wall-clock time -> the core's clock
+    if not spec.final_model.refit:
+        core.deadline = end + to_clock
+        return
+    from automl.final_model import finish_seconds
+
+    folds = spec.data.validation.folds if spec.data is not None else None
+    core.finish_by = end + to_clock
+    core.finish_floor = now + MIN_SEARCH_SHARE * budget + to_clock
+    core.finish_seconds = lambda best: finish_seconds(best, folds or 1, ensemble=spec.final_model.ensemble)
+    core.plan_finish()
+    trials_end = core.deadline if core.deadline is not None else core.finish_floor
+    late = trials_end - to_clock + finish_seconds(None, 1, ensemble=False) - end
+    if trials_end <= core.finish_floor and late > 0:
+        run.note(f"start-up took {budget - (end - now):.0f}s of the {budget:.0f}s budget; the trials get "
+                 f"{MIN_SEARCH_SHARE * budget:.0f}s, so the run ends about {late:.0f}s late")
 
 
 def _fill(future: Future[Any], fn: Any, *args: Any) -> None:
@@ -123,10 +161,9 @@ def after_start(run: SweepRun) -> None:
     run.state.experiment_id = run.log.experiment_id
     run.state.parent_run_id = run.log.parent_run_id
     run.state.save(run.folder.parent)
-    _prewarm_finish(run)
 
 
-def _prewarm_finish(run: SweepRun) -> None:
+def prewarm_finish(run: SweepRun) -> None:
     """While the trials run, what the finishing step will need and a cold process lacks: MLflow imported and the
     store opened in this process (the driver's own client, for the best model and the summary), matplotlib and
     Optuna's plots imported. Otherwise a CLI's first sweep pays them (3-5 s on 2 cores) after its last trial."""

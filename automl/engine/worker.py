@@ -107,7 +107,7 @@ class TrialRunner:
         self._stop.add(key)
 
     def run(self, key: TrialKey, trainer: TrainerRef, params: dict[str, Any], data: Any, seed: int,
-            segment: Segment | None = None) -> Iterator[list[Event]]:
+            segment: Segment | None = None, predictions: bool = False) -> Iterator[list[Event]]:
         """Generator of lists of events: ``Started`` first, then ``Report``s, the last list ending with the
         trial's ``TrialEnd``. With a ``segment`` (method: pbt) the trainer starts from its checkpoint and the trial
         ends PAUSED, with the trainer's checkpoint, at the report of step ``segment.until``."""
@@ -141,12 +141,19 @@ class TrialRunner:
                     contract.DEVICE_NOTE = None
                     self._limit_threads()
                     _seed_everything(seed)
+                held_out: list[Any] | None = [] if predictions else None
                 if isinstance(data, list):  # k-fold (data.validation.folds): one training per fold
-                    model = fit_folds(fit, params, data, report, seed, lambda: key in stop)
+                    model = fit_folds(fit, params, data, report, seed, lambda: key in stop, predictions=held_out)
                 else:
                     model = fit(dict(params), data, report)
+                    if held_out is not None:
+                        held_out.append(_held_out_predictions(model, data))
                 seconds = time.perf_counter() - start
                 end = TrialEnd(key, COMPLETE, seconds)
+                if held_out and all(p is not None for p in held_out):
+                    import numpy as np
+
+                    end.predictions = np.concatenate(held_out)
                 try:
                     end.model = pack_model(model)
                     if end.model is None and model is not None:
@@ -255,10 +262,30 @@ def forget_other_copy(trainer: TrainerRef, *, edited: bool = False) -> None:
         sys.path.remove(trainer.search_path)  # TrainerRef.load puts it back, first
 
 
+def _held_out_predictions(model: Any, data: Any) -> Any:
+    """The model's predictions on the validation rows, or None for a model that cannot give them (a user's trainer
+    returning None or an object without predict_proba): such a trial is simply no ensemble candidate."""
+    import warnings
+
+    from automl.ensemble import validation_predictions
+
+    try:
+        with warnings.catch_warnings():
+            # The folds come read-only from Ray's object store; torch warns on wrapping them, and only reads them.
+            warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+            return validation_predictions(model, data)
+    except Exception:
+        return None
+
+
 def fit_folds(
-    fit: Any, params: dict[str, Any], folds: list[Any], report: Any, seed: int, stop_requested: Callable[[], bool]
+    fit: Any, params: dict[str, Any], folds: list[Any], report: Any, seed: int, stop_requested: Callable[[], bool],
+    *, predictions: list[Any] | None = None,
 ) -> Any:
     """Train once per fold, one fold after another, and report the mean over folds; return fold 1's model.
+
+    ``predictions``: a list that receives each fold's model's predictions on that fold's validation rows (the
+    out-of-fold predictions, in fold order), for ensemble selection.
 
     Each fold's reports are buffered (the trial's ``report`` is called only after the last fold): for every
     step that all folds reached, the mean over folds of every metric they all reported; on the last such step
@@ -283,6 +310,8 @@ def fit_folds(
                 raise StopTrial
             _seed_everything(seed)  # every fold starts from the same seed: folds differ by their data only
         model = fit(dict(params), fold, buffered)
+        if predictions is not None:
+            predictions.append(_held_out_predictions(model, fold))
         if i == 0:
             first = model
     steps = sorted(set.intersection(*(set(b) for b in buffers)))
