@@ -35,8 +35,11 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
+# The suite in two parts: two workers (pytest-xdist, one test module per worker at a time, each with its own local
+# Ray), then the timed contracts alone on a quiet machine. `pytest` by itself runs everything in one process.
 test: install browser postgres
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -q -m serial
 
 lint: install
 	$(BIN)/ruff check automl trainers tests benchmarks

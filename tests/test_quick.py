@@ -105,6 +105,7 @@ def ensemble_table(path: Path, *, rows: int = 400, seed: int = 0) -> Path:
 BUDGET_S, WALL_LIMIT_S = 20, 40  # --time 20s returns in under 40 s on 2 cores (start-up and finishing included)
 
 
+@pytest.mark.serial
 @pytest.mark.timeout(300)
 def test_automl_mode_refits_an_ensemble_within_its_time_and_serves_it(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:

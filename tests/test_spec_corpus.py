@@ -150,6 +150,7 @@ def _sample_cases() -> list[Case]:
     return picked + others[:: max(1, len(others) // 5)][:5]
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("case", _sample_cases(), ids=lambda c: c.name.removesuffix(".yaml"))
 def test_refusal_in_a_fresh_process_is_fast_and_one_line(tmp_path: Path, case: Case) -> None:
     """A command over its limit is timed again, alone, up to twice: the best of the tries is its time, so that a busy
