@@ -8,6 +8,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,3 +79,16 @@ def workdir(bare_workdir: Path, _empty_store: Path) -> Path:
     """A clean working directory whose embedded store (an empty ``mlflow.db``) already exists."""
     shutil.copyfile(_empty_store, bare_workdir / "mlflow.db")
     return bare_workdir
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[tuple[Any, Any, Any]]:
+    """An engine on ``automl.testing``'s in-process executor (2 slots) and memory recorder: no Ray, no MLflow.
+    Yields (engine, executor, recorder)."""
+    from automl.engine import Engine
+    from automl.testing import InProcessExecutor, MemoryRecorder
+
+    executor, recorder = InProcessExecutor(slots=2), MemoryRecorder()
+    engine = Engine(executor=executor, recorder=recorder, workdir=tmp_path)
+    yield engine, executor, recorder
+    engine.shutdown()

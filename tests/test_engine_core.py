@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +48,6 @@ def trainers(tmp_path: Path) -> Path:
     folder.mkdir()
     (folder / "engine_trainers.py").write_text(TRAINERS)
     return folder
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[tuple[Engine, InProcessExecutor, MemoryRecorder]]:
-    executor, recorder = InProcessExecutor(slots=2), MemoryRecorder()
-    engine = Engine(executor=executor, recorder=recorder, workdir=tmp_path)
-    yield engine, executor, recorder
-    engine.shutdown()
 
 
 def spec(name: str, trainer: str = "engine_trainers:sleepy", **budget: Any) -> dict[str, Any]:

@@ -9,7 +9,6 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +49,6 @@ def trainers(tmp_path: Path) -> Path:
     folder.mkdir()
     (folder / "pbt_trainers.py").write_text(TRAINERS)
     return folder
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[tuple[Engine, InProcessExecutor, MemoryRecorder]]:
-    executor, recorder = InProcessExecutor(slots=2), MemoryRecorder()
-    engine = Engine(executor=executor, recorder=recorder, workdir=tmp_path)
-    yield engine, executor, recorder
-    engine.shutdown()
 
 
 def pbt_spec(**overrides: Any) -> dict[str, Any]:
