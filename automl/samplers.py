@@ -59,6 +59,9 @@ def describe(method: str, space: SearchSpace, *, objectives: int = 1, trials: in
     """One line for the run header and ``automl validate``: the sampler a method resolves to and, with trials in
     flight, how it accounts for the ones still running (``concurrent`` None: as many as the cluster runs)."""
     name = sampler_name(method, space, objectives=objectives, trials=trials)
+    if method == "pbt":
+        return (f"population-based training: the population drawn by Optuna's {name}, then exploit and explore at "
+                "each interval")
     if method == "grid" and space.is_conditional:
         name = "BruteForceSampler"
     if concurrent == 1:

@@ -71,6 +71,8 @@ def test_the_header_and_validate_say_which_sampler_and_parallel_strategy_run(tmp
         "Optuna GPSampler; with trials in flight, pending trials in its acquisition (Optuna's qLogEI over the "
         "running trials)")
     assert describe("bayesian", space, trials=30, concurrent=1) == "Optuna GPSampler, one trial at a time"
+    assert describe("pbt", space, trials=8, concurrent=4).startswith("population-based training: the population "
+                                                                      "drawn by Optuna's RandomSampler")
     shutil.copy(ASSETS / "toy_trainers.py", tmp_path)
     spec = tmp_path / "s.yaml"
     spec.write_text("name: s\ntrainer: toy_trainers:quadratic\nmetric: {name: score, goal: maximize}\n"
