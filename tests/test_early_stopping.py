@@ -29,7 +29,9 @@ def test_method_stops_trials_that_fall_behind(workdir: Path, method: str) -> Non
     complete = [t for t in result.trials if t.state == "COMPLETE"]
     assert stopped, f"{method} stopped no trial"
     assert complete
-    assert all(t.epochs < 6 for t in stopped)
+    # A stop takes effect at the trial's next report: on a busy machine one may land after the last epoch.
+    assert min(t.epochs for t in stopped) < 6
+    assert all(t.epochs <= 6 for t in stopped)
     assert all(t.epochs == 6 for t in complete)
     # What is stopped is what falls behind: the best trial ran to the end.
     assert result.best is not None
