@@ -224,12 +224,8 @@ class SweepCore:
     def on_report(self, number: int, step: int, metrics: dict[str, float]) -> None:
         if number not in self.trials:
             return  # a trial already ended by the sweep (cancelled, budget lowered): its late reports are dropped
-        record = self.records[number]
-        record.metrics.update(metrics)
-        record.epochs = max(record.epochs, step)
-        value = metrics.get(self.metric)
+        record, value = self._note_report(number, step, metrics)
         if value is not None:
-            record.value = value
             if not math.isfinite(value):
                 self.ops.stop(number)  # diverged: no point in training on; recorded FAILED at its end
             elif not self.multi and record.stop_reason is None:  # Optuna prunes single-objective studies only
@@ -243,6 +239,16 @@ class SweepCore:
                 if trial.should_prune():
                     self._stop(number, "early stopping")
         self.hooks.trial_reported(record, step, metrics)
+
+    def _note_report(self, number: int, step: int, metrics: dict[str, float]) -> tuple[TrialRecord, float | None]:
+        """A report on the trial's record (its metrics, epochs and value); returns the record and the value."""
+        record = self.records[number]
+        record.metrics.update(metrics)
+        record.epochs = max(record.epochs, step)
+        value = metrics.get(self.metric)
+        if value is not None:
+            record.value = value
+        return record, value
 
     def tick(self) -> None:
         """Deadlines: ``budget.time`` stops every running trial; past ``budget.trial_time`` a trial is asked to

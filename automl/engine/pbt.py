@@ -371,15 +371,11 @@ class PbtCore(SweepCore):
     def on_report(self, number: int, step: int, metrics: dict[str, float]) -> None:
         if number not in self.active:
             return  # a segment already ended by the sweep: its late reports are dropped
-        record = self.records[number]
-        record.metrics.update(metrics)
-        record.epochs = max(record.epochs, step)
-        value = metrics.get(self.metric)
+        record, value = self._note_report(number, step, metrics)
         if value is not None:
             # A member that diverged (NaN, inf) trains on to its boundary and ranks last there, so that it copies
             # a good member (its mutable values made it diverge, not its configuration); in the last segment it
             # ends FAILED, as any trial whose metric is not finite.
-            record.value = value
             self.members[number].history.append((step, value))
         hp = hp_metrics(self.members[number].params, self.mutable, self.space_params)
         self.hooks.trial_reported(record, step, {**metrics, **hp})
